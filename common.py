@@ -244,8 +244,6 @@ def _timm_body(name, pretrained, **overrides):
                         f"weights need network access once, or use --no-pretrained") from None
     if not hasattr(model, "layers") or not hasattr(model, "patch_embed"):
         raise UserError(f"timm body '{name}' is not Swin-like (patch_embed + layers); use a swin_* model")
-    for key in ("drop_path_rate",):
-        pass  # Swin's stochastic depth stays at timm's default (0.1 in the official HF config, see README)
     pe = model.patch_embed
     conv, norm = pe.proj, pe.norm
     dim = conv.out_channels
@@ -691,6 +689,7 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
                 run.log(stage=stage, step=step, epoch=epoch, loss=loss.item(), lr=lr, **extra)
             if step >= total:
                 break
+        complete = i + 1 == len(loader)  # False when --max_steps cut the epoch short
         val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
         if val["score"] < best:
             best = val["score"]
@@ -698,6 +697,8 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         print(f"eval epoch {epoch} | val_loss {val['loss']:.4f} | val_{task.metric} {val['score']:.4f} "
               f"(best {best:.4f})")
         run.log(stage=stage, step=step, epoch=epoch, val_loss=val["loss"], val_score=val["score"])
+        if not complete:
+            break  # a partial epoch is never written to last.pt: --resume redoes it whole, as after a kill
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
                     "rng": _rng_state()}, last)
