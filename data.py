@@ -118,7 +118,7 @@ TASKS = {
     "synthetic_dense_2d": dict(kind="dense", loss="nrmse", metric="nrmse", defaults=_TINY),
     "synthetic_multilabel": dict(kind="multilabel", loss="bce", metric="1-auroc", defaults=_TINY),
     "gunpoint": dict(kind="classification", loss="ce", metric="error", val_fraction=0.2,
-                     defaults=dict(_CPU, epochs=30, batch_size=8, lr=5e-5, warmup_epochs=2)),
+                     defaults=dict(_CPU, epochs=60, batch_size=20, lr=1e-4, warmup_epochs=5, target_seq_len=16)),
     "digits": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5)),
     "burgers": dict(kind="dense", loss="nrmse", metric="nrmse",
                     defaults=dict(_CPU, epochs=10, batch_size=16, weight_decay=0.0, clip=1.0)),
