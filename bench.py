@@ -1,0 +1,295 @@
+"""Benchmarks, one named section each: `python bench.py SECTION [--device auto|cpu|cuda] [--threads N]`.
+
+Sections (the BENCHES dict at the bottom):
+  otdd   ORCA's stage-2 OTDD step (value + backward): official engine (geomloss, source side recomputed per call)
+         vs our otdd.OTDD (source side cached), both against a converged float64 solution of ours.
+  pare   one PaRe training step (phase A: Gumbel top-k; phase B: hard top-k) over one plain fine-tuning step,
+         same body (--body), same batch.
+  mona   one MoNA stage-1 meta step (second-order virtual update + source pass) over one plain fine-tuning step,
+         same body (--body), same target batch, on gunpoint and digits; ratio_meta_step is the larger ratio.
+
+Each section prints a table and, as its last line, `BENCH {json}` with its figures, all measured side by side in
+one run on the same machine and data.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+import otdd
+
+# ---- otdd ---------------------------------------------------------------------------------------------------------
+
+# the official stage-2 setting (orca_pare_reference.md 2.3-2.4): 5000 pooled source features, ~160 target points
+# of one target class with a dummy label, eps = 0.1; Swin/CIFAR-10 (D=128, 10 classes), RoBERTa/text (D=768, 8)
+OTDD_SETTINGS = {"swin": dict(dim=128, n_classes=10), "text": dict(dim=768, n_classes=8)}
+
+
+def make_features(n, n_classes, dim, seed, spread=0.7):
+    """Gaussian clusters passed through a LayerNorm, like token-mean embedder outputs: (n, dim) features and (n,)
+    labels. Rows have norm ~sqrt(dim), so costs 1/2 ||x - x'||^2 are ~1000x eps=0.1 at D=128."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(n_classes, dim, generator=g)
+    y = torch.randint(n_classes, (n,), generator=g)
+    x = means[y] + torch.randn(n, dim, generator=g)
+    return torch.nn.functional.layer_norm(x, (dim,)), y
+
+
+def otdd_data(setting, device, dtype=torch.float32):
+    cfg = OTDD_SETTINGS[setting]
+    x_s, y_s = make_features(5000, cfg["n_classes"], cfg["dim"], seed=0)
+    x_t, _ = make_features(160, 1, cfg["dim"], seed=1)  # one target class, ORCA's dummy label 0
+    return x_s.to(device, dtype), y_s.to(device), x_t.to(device, dtype)
+
+
+def official_otdd_step(x_s, y_s, x_t, eps=0.1):
+    """One ORCA OTDD call as the official code runs it (embedder.py:otdd -> otdd DatasetDistance -> geomloss): a new
+    distance object per call, so every class-pair label distance is recomputed, each pair its own geomloss
+    SamplesLoss call read back with .item(); then the outer debiased Sinkhorn on labels-appended points with the
+    augmented cost 1/2 ||x - x'||^2 + 1/2 W, and backward. Returns the value."""
+    from geomloss import SamplesLoss
+
+    blur = eps**0.5  # geomloss: eps = blur^p with p = 2, cost 1/2 ||x - y||^2, eps-scaling factor 0.5
+    inner = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, backend="tensorized")
+    classes = y_s.unique()
+    n_cls = len(classes)
+    groups = [x_s[y_s == c] for c in classes] + [x_t.detach()]  # the target is one class, label n_cls
+    W = torch.zeros(n_cls + 1, n_cls + 1, device=x_s.device)
+    for i in range(n_cls + 1):  # source-source pairs (pwdist_exact, symmetric) and source-target pairs
+        for j in range(i + 1, n_cls + 1):
+            W[i, j] = W[j, i] = inner(groups[i], groups[j]).item()
+
+    def augmented_cost(z1, z2):
+        # (B, N, D + 1), (B, M, D + 1) with the label in the last column -> (B, N, M), like batch_augmented_cost
+        l1, l2 = z1[..., -1].long(), z2[..., -1].long()
+        return otdd.half_sq_dist(z1[..., :-1], z2[..., :-1]) + 0.5 * W[l1[:, :, None], l2[:, None, :]]
+
+    outer = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, cost=augmented_cost, backend="tensorized")
+    z_s = torch.cat([x_s, y_s[:, None].to(x_s.dtype)], 1)
+    z_t = torch.cat([x_t, torch.full_like(x_t[:, :1], n_cls)], 1)
+    loss = outer(z_s, z_t)
+    loss.backward()
+    return loss.item()
+
+
+def ours_step(dist, x_t, x_s=None, y_s=None):
+    """One alignment step with our OTDD object `dist`; dist=None: the uncached otdd() function. Returns the value."""
+    loss = dist(x_t) if dist is not None else otdd.otdd(x_s, y_s, x_t)
+    loss.backward()
+    return loss.item()
+
+
+def timed(fn, repeats, device):
+    """Median seconds per call of fn() and its last return value."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_mem_child(method, setting, threads):
+    """Runs in a fresh process: peak RSS growth (MiB) over one alignment step (ours: incl. building the cache)."""
+    torch.set_num_threads(threads)
+    x_s, y_s, x_t = otdd_data(setting, torch.device("cpu"))
+    base = _rss_mb()
+    if method == "official":
+        official_otdd_step(x_s, y_s, x_t.requires_grad_())
+    else:
+        ours_step(otdd.OTDD(x_s, y_s), x_t.requires_grad_())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
+def peak_memory_mb(method, setting, device, threads, x_s=None, y_s=None, x_t=None):
+    """Peak extra memory of one step: torch.cuda.max_memory_allocated on GPU; on CPU the peak-RSS growth of a
+    fresh subprocess (tracemalloc does not see torch's allocator)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if method == "official":
+            official_otdd_step(x_s, y_s, x_t.detach().requires_grad_())
+        else:
+            ours_step(otdd.OTDD(x_s, y_s), x_t.detach().requires_grad_())
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_mem_child, (method, setting, threads))
+
+
+def bench_otdd(args):
+    device = torch.device(args.device)
+    rows, results = [], {}
+    for setting in OTDD_SETTINGS:
+        x_s, y_s, x_t = otdd_data(setting, device)
+        # reference: our solver in float64, run to a marginal error of 1e-7 (1e4x tighter than the default)
+        x_s64, x_t64 = x_s.double(), x_t.double()
+        t_ref, ref = timed(lambda: otdd.otdd(x_s64, y_s, x_t64, tol=1e-7, max_iter=20000).item(), 1, device)
+        t_off, v_off = timed(lambda: official_otdd_step(x_s, y_s, x_t.detach().requires_grad_()), args.repeats, device)
+        t_init, dist = timed(lambda: otdd.OTDD(x_s, y_s), 1, device)
+        t_ours, v_ours = timed(lambda: ours_step(dist, x_t.detach().requires_grad_()), 3 * args.repeats, device)
+        t_func, _ = timed(lambda: ours_step(None, x_t.detach().requires_grad_(), x_s, y_s), 1, device)
+        mem_off = peak_memory_mb("official", setting, device, args.threads, x_s, y_s, x_t)
+        mem_ours = peak_memory_mb("ours", setting, device, args.threads, x_s, y_s, x_t)
+        res = dict(speedup=t_off / t_ours, rel_diff=abs(v_ours - ref) / abs(ref), rel_diff_official=abs(v_off - ref) / abs(ref),
+                   t_official_s=t_off, t_ours_s=t_ours, t_ours_init_s=t_init, t_ours_uncached_s=t_func, t_ref_s=t_ref,
+                   value_ref=ref, value_ours=v_ours, value_official=v_off, mem_official_mb=mem_off, mem_ours_mb=mem_ours)
+        results[setting] = res
+        rows.append((setting, res))
+    cfg = lambda s: f"{s} (D={OTDD_SETTINGS[s]['dim']}, C={OTDD_SETTINGS[s]['n_classes']})"  # noqa: E731
+    print(f"device {device}, torch threads {torch.get_num_threads()}; per step = value + backward, 160 target points")
+    print(f"{'setting':<22}{'official s/step':>16}{'ours s/step':>13}{'speedup':>9}{'rel_diff ours':>15}"
+          f"{'rel_diff official':>19}{'peak MiB off/ours':>19}{'ours init s':>13}")
+    for setting, r in rows:
+        print(f"{cfg(setting):<22}{r['t_official_s']:>16.3f}{r['t_ours_s']:>13.4f}{r['speedup']:>8.1f}x"
+              f"{r['rel_diff']:>15.1e}{r['rel_diff_official']:>19.1e}"
+              f"{r['mem_official_mb']:>10.0f}/{r['mem_ours_mb']:<8.0f}{r['t_ours_init_s']:>13.2f}")
+    print("memory: " + ("torch.cuda.max_memory_allocated growth" if device.type == "cuda" else
+                        "peak-RSS growth of a fresh process over one step (ours incl. building the source cache)"))
+    summary = dict(section="otdd", device=str(device), threads=torch.get_num_threads(),
+                   speedup=min(r["speedup"] for r in results.values()),
+                   rel_diff=max(r["rel_diff"] for r in results.values()),
+                   rel_diff_official=max(r["rel_diff_official"] for r in results.values()), settings=results)
+    print("BENCH " + json.dumps(summary))
+
+
+# ---- pare ---------------------------------------------------------------------------------------------------------
+
+def bench_pare(args):
+    """One PaRe training step (fwd + bwd + AdamW) over one plain fine-tuning step: same body (--body), same batch
+    (sklearn digits, 32 images, 64 tokens), same machine, interleaved round by round; phase A (Gumbel top-k, gate
+    trained) and phase B (hard top-k). Two body passes are the floor (ratio ~2); the official phase A is ~5-6x."""
+    import common
+    import data
+    import pare  # bench.py may import method files; method files never import each other
+
+    device = torch.device(args.device)
+    common.seed_everything(0)
+    task = data.get_task("digits")
+    model = common.build_model(task, args.body, True, 64).to(device)
+    source = data.load_source(data.default_source(model.body), model.body)
+    margs = pare.get_args(["--task", "digits", "--body", args.body, "--epochs", "100", "--gumbel_epochs", "1"])
+    k0, k_end = pare.resolve(margs, task, model.embedder.num_tokens,
+                             pare.embed_source(model.body, source.tensors[0][:1], device).shape[1])
+    pare.attach_pare_modules(model, int(source.tensors[1].max()) + 1).to(device)
+    compute = pare.make_compute(task, pare.SourceBatches(source, 32, 0), margs, k0, k_end, device)
+    optimizer = common.make_optimizer(model.parameters(), "adamw", 1e-5)
+    x, y = (t.to(device) for t in data.take(task.train, range(32)))
+    steps = {"plain": lambda: (common.task_loss(task, model(x), y), {}),  # = common.fit's default step
+             "pare phase A": lambda: compute(model, x, y, 0), "pare phase B": lambda: compute(model, x, y, 1)}
+    times = {name: [] for name in steps}
+    model.train()
+    for r in range(1 + 3 * args.repeats):  # round 0 is a warm-up
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, _ = step()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    print(f"device {device}, torch threads {torch.get_num_threads()}; body {args.body}, digits batch 32, "
+          f"{model.embedder.num_tokens} target tokens, k {k0}; median of {3 * args.repeats} interleaved steps")
+    print(f"{'step':<14}{'ms/step':>10}{'x plain':>9}")
+    for name in steps:
+        print(f"{name:<14}{ms[name]:>10.1f}{ms[name] / ms['plain']:>9.2f}")
+    summary = dict(section="pare", device=str(device), threads=torch.get_num_threads(), body=args.body, k=k0,
+                   ms_plain=ms["plain"], ms_phase_a=ms["pare phase A"], ms_phase_b=ms["pare phase B"],
+                   ratio_phase_a=ms["pare phase A"] / ms["plain"], ratio_phase_b=ms["pare phase B"] / ms["plain"],
+                   goal=2.2)
+    print("BENCH " + json.dumps(summary))
+
+
+# ---- mona ---------------------------------------------------------------------------------------------------------
+
+def bench_mona(args):
+    """One MoNA stage-1 meta step (virtual update with create_graph, source batch through the virtually updated body,
+    second-order embedder update) over one plain fine-tuning step (fwd + bwd + AdamW on all weights): same body
+    (--body), same target batch, same machine, interleaved round by round; on gunpoint and digits with their default
+    batch and token counts. The source batch (as many samples as the target batch) is what the meta step adds."""
+    import common
+    import data
+    import mona  # bench.py may import method files; method files never import each other
+
+    device = torch.device(args.device)
+    rows = {}
+    for name in ("gunpoint", "digits"):
+        margs = mona.get_args(["--task", name, "--body", args.body])
+        common.seed_everything(0)
+        task = data.get_task(name)
+        model = common.build_model(task, args.body, True, margs.target_seq_len).to(device).train()
+        source = data.load_source(data.default_source(model.body), model.body)
+        x, y = (t.to(device) for t in data.take(task.train, range(margs.batch_size)))
+        src_x, src_y = (t[:margs.source_batch_size].to(device) for t in source.tensors)
+        src_tokens = data.embed_source(model.body, src_x)
+        plain_opt = common.make_optimizer(model.parameters(), "adamw", 1e-5)
+        meta_opt = common.make_optimizer(model.embedder.parameters(), "adamw", 1e-5)
+
+        def plain():  # = common.fit's default step
+            common.task_loss(task, model(x), y).backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+
+        def meta(first_order):
+            margs.first_order = first_order
+            mona.meta_step(model, meta_opt, task, x, y, src_tokens, src_y, margs)
+
+        steps = {"plain": plain, "meta": lambda: meta(False), "first_order": lambda: meta(True)}
+        times = {k: [] for k in steps}
+        for r in range(1 + 2 * args.repeats):  # round 0 is a warm-up
+            for k, step in steps.items():
+                seconds, _ = timed(step, 1, device)
+                if r > 0:
+                    times[k].append(seconds)
+        ms = {k: 1000 * statistics.median(t) for k, t in times.items()}
+        rows[name] = dict(tokens=x.shape[0] * model.embedder.num_tokens,
+                          source_tokens=src_tokens.shape[0] * src_tokens.shape[1],
+                          ms_plain=ms["plain"], ms_meta=ms["meta"], ms_first_order=ms["first_order"],
+                          ratio_meta_step=ms["meta"] / ms["plain"], ratio_first_order=ms["first_order"] / ms["plain"])
+    print(f"device {device}, torch threads {torch.get_num_threads()}; body {args.body}; median of {2 * args.repeats} "
+          f"interleaved steps; tokens per batch target / source")
+    print(f"{'task':<10}{'tokens':>12}{'plain ms':>10}{'meta ms':>10}{'x plain':>9}{'1st-order ms':>14}{'x plain':>9}")
+    for name, r in rows.items():
+        print(f"{name:<10}{r['tokens']:>6}/{r['source_tokens']:<5}{r['ms_plain']:>10.0f}{r['ms_meta']:>10.0f}"
+              f"{r['ratio_meta_step']:>9.2f}{r['ms_first_order']:>14.0f}{r['ratio_first_order']:>9.2f}")
+    summary = dict(section="mona", device=str(device), threads=torch.get_num_threads(), body=args.body,
+                   ratio_meta_step=max(r["ratio_meta_step"] for r in rows.values()), goal=3.5, tasks=rows)
+    print("BENCH " + json.dumps(summary))
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+BENCHES = {"otdd": bench_otdd, "pare": bench_pare, "mona": bench_mona}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=sorted(BENCHES), help="which benchmark to run")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of the slowest variant")
+    parser.add_argument("--body", default="minilm", help="pare, mona: the body both steps run (tiny, minilm, ...)")
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    BENCHES[args.section](args)

@@ -1,0 +1,297 @@
+"""Optimal transport for embedder alignment: batched Sinkhorn, Sinkhorn divergence, OTDD and MMD.
+
+Plain PyTorch, no geomloss or POT. Conventions (they match geomloss with p=2, which the official ORCA code uses):
+  feature cost       c(x, x') = 1/2 ||x - x'||^2
+  entropic OT        OT_eps(a, b) = min_pi <pi, C> + eps KL(pi || a x b)
+  debiased divergence S_eps(a, b) = OT_eps(a, b) - 1/2 OT_eps(a, a) - 1/2 OT_eps(b, b)
+OTDD (Alvarez-Melis & Fusi 2020, as ORCA runs it) compares labelled sets with the augmented cost
+  d((x, i), (x', j)) = c(x, x') + 1/2 W(i, j),   W(i, j) = S_eps(class i, class j)   (no gradient through W).
+
+Example: `loss = OTDD(x_src, y_src)(x_tgt)` (source side computed once), or `otdd(x_s, y_s, x_t, y_t)`.
+Deviations from the official code (ORCA otdd/ + geomloss):
+- geomloss does one Sinkhorn iteration per eps level and stops at the target eps; we keep iterating at the target
+  eps until the marginals are met (`tol`), so the value is that of a converged solver (`python bench.py otdd`).
+- The source-only quantities (source label distances, OT_eps(src, src)) are cached, not recomputed per call.
+"""
+import warnings
+
+import torch
+
+# ---- Sinkhorn core ------------------------------------------------------------------------------------------------
+
+
+def half_sq_dist(x, y):
+    """c(x_i, y_j) = 1/2 ||x_i - y_j||^2 for batched point sets: (B, N, D), (B, M, D) -> (B, N, M)."""
+    # expanded form: one matmul instead of a (B, N, M, D) difference tensor; rounding can dip just below 0
+    sq = (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2 * x @ y.transpose(1, 2)
+    return 0.5 * sq.clamp_min(0)
+
+
+def _softmin(eps, C, h, dim):
+    """Soft-min over `dim` of the (B, N, M) cost: -eps log sum exp(h - C / eps), where h (B, M) for dim=2
+    or (B, N) for dim=1 holds log-weights + potential / eps. Returns (B, N) for dim=2, (B, M) for dim=1."""
+    z = C / -eps
+    z += h.unsqueeze(3 - dim)  # in place from here on: fresh (B, N, M) buffers cost more than the arithmetic
+    z_max = z.amax(dim, keepdim=True).detach()  # a constant shift: log-sum-exp and its gradient are unchanged
+    # exp() of arguments below about -87 leaves the vectorised fast path on CPU and runs ~10x slower. Such terms
+    # weigh < 1e-35 next to the largest term (exactly 1), so clamping them to -80 changes nothing measurable.
+    z.sub_(z_max).clamp_(min=-80.0).exp_()
+    return -eps * (z.sum(dim).log() + z_max.squeeze(dim))
+
+
+def sinkhorn(C, a, b=None, eps=0.1, tol=1e-2, max_iter=2000, scaling=0.5, overrelax=1.9):
+    """Entropic OT values of a batch of problems: OT_eps = min_pi <pi, C> + eps KL(pi || a x b).
+
+    C (B, N, M) cost; a (B, N), b (B, M) weights, each row summing to 1 (weight 0 = padding) -> (B,).
+    b=None means the symmetric problem OT_eps(a, a) (C symmetric), solved with averaged updates.
+    Log-domain Sinkhorn with eps-scaling, stopped when the L1 marginal error is below `tol` for every problem.
+    Differentiable w.r.t. C: d OT / d C = pi (envelope theorem), so points get gradients through the cost.
+    """
+    symmetric = b is None
+    b = a if symmetric else b
+    log_a, log_b = a.log(), b.log()
+
+    def sweep(f, g, eps_now, omega):
+        """One relaxed Sinkhorn iteration x <- x + omega (T(x) - x) at temperature eps_now."""
+        f = f + omega * (_softmin(eps_now, C0, log_b + g / eps_now, dim=2) - f)
+        if symmetric:  # f = g by symmetry; the g-update would repeat the f-update
+            return f, f
+        return f, g + omega * (_softmin(eps_now, C0, log_a + f / eps_now, dim=1) - g)
+
+    with torch.no_grad():
+        C0 = C.detach()
+        # OT(C - r(+)s) = OT(C) - <a, r> - <b, s> for fixed marginals. Centring rows and columns keeps the
+        # numbers small (~ the spread of C, not its size ~ D), which keeps float32 rounding far below eps.
+        r = (C0 * b[:, None, :]).sum(2)
+        s = ((C0 - r[:, :, None]) * a[:, :, None]).sum(1)
+        C0 = C0 - r[:, :, None] - s[:, None, :]
+        valid = (a[:, :, None] > 0) & (b[:, None, :] > 0)
+        f, g = torch.zeros_like(a), torch.zeros_like(b)
+        # Symmetric problems (x against itself) have a near-identity plan: the plain update T then maps f to about
+        # -f (up to a constant) and alternating updates crawl, while the average (f + T(f)) / 2 lands next to the
+        # fixed point at once (geomloss does the same). Other problems use over-relaxed updates, 1 < w < 2
+        # (Thibault et al. 2017): costs ~1000x eps make plain Sinkhorn slow, and w = 1.8 saves 3-10x iterations.
+        omega = 0.5 if symmetric else overrelax
+        # eps-scaling: start at the cost's spread, where one iteration already gives the right potentials, and
+        # shrink eps geometrically; each coarse solution warm-starts the next (Schmitzer 2019, geomloss).
+        eps_now = C0.abs().masked_fill(~valid, 0).amax().item()
+        while eps_now > eps:
+            f, g = sweep(f, g, eps_now, min(omega, 1.0))
+            eps_now *= scaling
+        for it in range(max_iter):
+            f, g_new = sweep(f, g, eps, omega)
+            # sum_j b_j |T(g)_j - g_j| / eps: the L1 error of the marginal that this update fixes
+            err = (b * (g_new - g).abs()).sum(1) / (omega * eps)
+            g = g_new
+            if err.max() < tol:
+                break
+        else:
+            warnings.warn(f"sinkhorn: marginal error {err.max().item():.1e} > tol={tol} after {max_iter} iterations")
+    # One last Sinkhorn step with autograd on. At the fixed point, d<a,f>/dC = pi and g does not move to first
+    # order, so backprop through this single step gives the envelope gradient; no need to unroll the loop.
+    C1 = C - r[:, :, None] - s[:, None, :]
+    f = _softmin(eps, C1, log_b + g / eps, dim=2)
+    g = _softmin(eps, C1.detach(), log_a + f.detach() / eps, dim=1)
+    return (a * (f + r)).sum(1) + (b * (g + s)).sum(1)
+
+
+# ---- input checks -------------------------------------------------------------------------------------------------
+
+
+def _as_points(name, x, dim=None):
+    """Checks a (N, D) or (B, N, D) point tensor and returns it in float32/float64."""
+    if not torch.is_tensor(x) or x.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a (N, D) tensor of points, got {getattr(x, 'shape', type(x))}")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): pass at least one point with one feature")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} has {x.shape[-1]} features but the other set has {dim}: use the same feature space")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf: check the features (e.g. a diverged embedder) first")
+    # half precision has ~3 significant digits, far too few for costs ~1000x eps
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@torch.no_grad()
+def _group_by_class(name, x, y):
+    """Splits labelled points into padded classes (no gradient): x (N, D), y (N,) or None (one dummy label) ->
+    X (C, n_max, D), w (C, n_max) uniform 1/n_c on the class's points and 0 on padding, counts (C,), label (N,)."""
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else torch.as_tensor(y, device=x.device)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"y{name[1:]} has shape {tuple(y.shape)} for {len(x)} points in {name}: pass one label per row")
+    classes, index, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2:
+        bad = classes[counts.argmin()].item()
+        raise ValueError(f"class {bad} of y{name[1:]} has 1 point: label distances need >= 2 points per class "
+                         "(the official min_labelcount=2); drop or merge that class")
+    order = torch.argsort(index, stable=True)
+    slot = torch.arange(len(x), device=x.device) - (torch.cumsum(counts, 0) - counts)[index[order]]
+    X = x.new_zeros(len(classes), counts.max().item(), x.shape[1])
+    X[index[order], slot] = x[order]
+    w = x.new_zeros(X.shape[:2])
+    w[index[order], slot] = 1.0 / counts[index[order]].to(x.dtype)
+    return X, w, counts, index
+
+
+# ---- debiased Sinkhorn divergence ---------------------------------------------------------------------------------
+
+
+def sinkhorn_divergence(x, y, a=None, b=None, eps=0.1, cost=half_sq_dist, **solver):
+    """S_eps(a, b) = OT_eps(a, b) - 1/2 OT_eps(a, a) - 1/2 OT_eps(b, b) between a = sum_i a_i delta_{x_i} and
+    b = sum_j b_j delta_{y_j}. x (N, D) or (B, N, D), y (M, D) or (B, M, D); a, b weights (uniform if None,
+    0 = padding). cost(x, y) -> (B, N, M), default 1/2 ||x - y||^2. `solver` goes to sinkhorn(). -> () or (B,)."""
+    x = _as_points("x", x)
+    y = _as_points("y", y, dim=x.shape[-1]).to(x.dtype)
+    batched = x.ndim == 3
+    x, y = (x, y) if batched else (x[None], y[None])
+    a = x.new_full(x.shape[:2], 1 / x.shape[1]) if a is None else a.reshape(x.shape[:2]).to(x.dtype)
+    b = y.new_full(y.shape[:2], 1 / y.shape[1]) if b is None else b.reshape(y.shape[:2]).to(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        ot_xy = sinkhorn(cost(x, y), a, b, eps, **solver)
+        ot_xx = sinkhorn(cost(x, x), a, None, eps, **solver)  # None: symmetric problem, see sinkhorn()
+        ot_yy = sinkhorn(cost(y, y), b, None, eps, **solver)
+    value = ot_xy - 0.5 * ot_xx - 0.5 * ot_yy
+    return value if batched else value[0]
+
+
+# ---- OTDD ---------------------------------------------------------------------------------------------------------
+
+
+def _pair_ot(X, w, counts, i, j=None, eps=0.1, **solver):
+    """OT_eps(class i[p], class j[p]) for P class pairs in ONE batched Sinkhorn call; j=None: OT_eps(class i, class i).
+    X (K, n_max, D) padded classes, w (K, n_max) their weights, counts (K,), i, j (P,) -> (P,)."""
+    n_i = counts[i].max().item()  # drop padding that no problem in the batch needs
+    X_i, w_i = X[i][:, :n_i], w[i][:, :n_i]
+    if j is None:
+        return sinkhorn(half_sq_dist(X_i, X_i), w_i, None, eps, **solver)
+    n_j = counts[j].max().item()
+    return sinkhorn(half_sq_dist(X_i, X[j][:, :n_j]), w_i, w[j][:, :n_j], eps, **solver)
+
+
+def _bures_sq(X1, w1, X2, w2):
+    """Squared 2-Wasserstein distance between the Gaussian fits (mean, unbiased covariance) of padded point sets:
+    X1 (P, n1, D), w1 (P, n1), X2 (P, n2, D), w2 (P, n2) -> (P,). With S = Z^T Z,
+    W2^2 = ||m1 - m2||^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2,  and the last trace = ||Z1 Z2^T||_* ."""
+    def fit(X, w):
+        m = (w[..., None] * X).sum(1)
+        n = (w > 0).sum(1, keepdim=True)
+        return m, (X - m[:, None]) * (w * n / (n - 1)).sqrt()[..., None]  # padding rows have w = 0 -> zero rows
+    (m1, Z1), (m2, Z2) = fit(X1, w1), fit(X2, w2)
+    # S1^1/2 S2 S1^1/2 has the same nonzero eigenvalues as (Z1 Z2^T)^T (Z1 Z2^T), so the trace of its square root is
+    # the sum of singular values of an (n1, n2) matrix: no D x D sqrtm, cheap at D=768 with ~500 points per class
+    cross = torch.linalg.svdvals(Z1 @ Z2.transpose(1, 2)).sum(-1)
+    return ((m1 - m2) ** 2).sum(-1) + (Z1**2).sum((1, 2)) + (Z2**2).sum((1, 2)) - 2 * cross
+
+
+class OTDD:
+    """Optimal transport dataset distance to a fixed labelled source set, as ORCA's stage 2 uses it.
+
+    OTDD(x_s (N, D), y_s (N,), eps, label_distance="exact"|"gaussian", label_tol, **solver)(x_t (M, D), y_t (M,) or None)
+    -> scalar S_eps between the labelled sets under d((x, i), (x', j)) = 1/2 ||x - x'||^2 + 1/2 W(i, j),
+    differentiable w.r.t. x_t. W(i, j) = S_eps(class i, class j) ("exact"), or the 1/2-scaled Bures distance
+    1/2 W2^2 between the classes' Gaussian fits ("gaussian", the official otdd-gaussian): the 1/2 matches c, so both
+    W's equal c(m_i, m_j) for point-mass classes. y_t=None gives all targets one label, as ORCA does.
+    Everything that depends only on the source (W between source classes, OT_eps(src, src)) is computed once here.
+    `solver` options go to sinkhorn(); the label distances stop at the looser marginal error `label_tol`, because
+    only their values are used, and a Sinkhorn value converges far faster than its marginals (at label_tol=0.1 W is
+    within ~1e-5 relative in `bench.py otdd`, in half the iterations).
+    """
+
+    def __init__(self, x_s, y_s, eps=0.1, label_distance="exact", label_tol=0.1, **solver):
+        if label_distance not in ("exact", "gaussian"):
+            raise ValueError(f"label_distance must be 'exact' or 'gaussian', got {label_distance!r}")
+        self.eps, self.label_distance, self.solver = eps, label_distance, solver
+        self.label_solver = dict(solver, tol=label_tol)
+        self.x_s = _as_points("x_s", x_s).detach()
+        self.X_s, self.w_s, self.counts_s, self.label_s = _group_by_class("x_s", self.x_s, y_s)
+        n_cls = len(self.counts_s)
+        with torch.no_grad(), torch.autocast(device_type=self.x_s.device.type, enabled=False):
+            self.self_ot_s = self._self_ot(self.X_s, self.w_s, self.counts_s)  # OT_eps(class, class), reused per call
+            i, j = torch.triu_indices(n_cls, n_cls, offset=1, device=self.x_s.device)
+            self.W_ss = self._label_distances(self.X_s, self.w_s, self.counts_s, i, j, self.self_ot_s)  # (C_s, C_s)
+            C_ss = self._cost(self.x_s, self.label_s, self.x_s, self.label_s, self.W_ss)
+            a = self.x_s.new_full((1, len(self.x_s)), 1 / len(self.x_s))
+            self.ot_ss = sinkhorn(C_ss, a, None, eps, **solver)[0]  # OT_eps(src, src): a constant of the alignment
+
+    def _self_ot(self, X, w, counts):
+        """OT_eps(class k, class k) for every padded class (K,); only the exact label distance needs them."""
+        if self.label_distance == "gaussian":
+            return None
+        return _pair_ot(X, w, counts, torch.arange(len(counts), device=X.device), None, self.eps, **self.label_solver)
+
+    def _label_distances(self, X, w, counts, i, j, self_ot):
+        """W(i[p], j[p]) for class pairs i != j as a dense symmetric (K, K) matrix; the diagonal is W(k, k) = 0 and
+        entries of pairs not asked for stay 0 (unused). All pairs are solved in one batched call."""
+        W = X.new_zeros(len(counts), len(counts))
+        if len(i) == 0:
+            return W
+        if self.label_distance == "gaussian":
+            W[i, j] = 0.5 * _bures_sq(X[i], w[i], X[j], w[j])
+        else:
+            W[i, j] = _pair_ot(X, w, counts, i, j, self.eps, **self.label_solver) - 0.5 * self_ot[i] - 0.5 * self_ot[j]
+        W[j, i] = W[i, j]
+        return W
+
+    @staticmethod
+    def _cost(x1, label1, x2, label2, W):
+        """Augmented cost d = 1/2 ||x - x'||^2 + 1/2 W(label, label'): (N, D), (N,), (M, D), (M,) -> (1, N, M)."""
+        return half_sq_dist(x1[None], x2[None]) + 0.5 * W[label1[:, None], label2[None, :]][None]
+
+    def __call__(self, x_t, y_t=None):
+        x_t = _as_points("x_t", x_t, dim=self.x_s.shape[1]).to(self.x_s.dtype)
+        if x_t.ndim != 2 or x_t.device != self.x_s.device:
+            raise ValueError(f"x_t must be (M, D) on {self.x_s.device}, got {tuple(x_t.shape)} on {x_t.device}")
+        X_t, w_t, counts_t, label_t = _group_by_class("x_t", x_t, y_t)
+        n_s, n_t = len(self.counts_s), len(counts_t)
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            with torch.no_grad():
+                # one padded stack of source classes then target classes, so that all pairs (source, target) and
+                # (target, target') go to one batched Sinkhorn call; only the target self-terms are new
+                n_max = max(self.X_s.shape[1], X_t.shape[1])
+                X = torch.cat([_pad(self.X_s, n_max), _pad(X_t, n_max)])
+                w = torch.cat([_pad(self.w_s, n_max), _pad(w_t, n_max)])
+                counts = torch.cat([self.counts_s, counts_t])
+                self_ot = None if self.self_ot_s is None else torch.cat([self.self_ot_s, self._self_ot(X_t, w_t, counts_t)])
+                i_s, j_t = torch.meshgrid(torch.arange(n_s), torch.arange(n_t), indexing="ij")
+                i_t, j_t2 = torch.triu_indices(n_t, n_t, offset=1)
+                i = torch.cat([i_s.flatten(), n_s + i_t]).to(x_t.device)
+                j = torch.cat([n_s + j_t.flatten(), n_s + j_t2]).to(x_t.device)
+                W = self._label_distances(X, w, counts, i, j, self_ot)  # (C_s + C_t, C_s + C_t)
+            # the outer debiased divergence; only these two solves see x_t with autograd on
+            a = self.x_s.new_full((1, len(self.x_s)), 1 / len(self.x_s))
+            b = x_t.new_full((1, len(x_t)), 1 / len(x_t))
+            ot_st = sinkhorn(self._cost(self.x_s, self.label_s, x_t, n_s + label_t, W), a, b, self.eps, **self.solver)
+            ot_tt = sinkhorn(self._cost(x_t, n_s + label_t, x_t, n_s + label_t, W), b, None, self.eps, **self.solver)
+        return ot_st[0] - 0.5 * self.ot_ss - 0.5 * ot_tt[0]
+
+
+def _pad(X, n):
+    """Zero-pads dim 1 of (K, n_k, ...) to n."""
+    return torch.cat([X, X.new_zeros(X.shape[0], n - X.shape[1], *X.shape[2:])], dim=1)
+
+
+def otdd(x_s, y_s, x_t, y_t=None, eps=0.1, label_distance="exact", label_tol=0.1, **solver):
+    """OTDD between labelled sets (x_s (N, D), y_s (N,)) and (x_t (M, D), y_t (M,) or None = one label) -> scalar,
+    differentiable w.r.t. x_t (see OTDD for the definition). Recomputes the source side; in a loop use OTDD."""
+    return OTDD(x_s, y_s, eps, label_distance, label_tol, **solver)(x_t, y_t)
+
+
+# ---- MMD ----------------------------------------------------------------------------------------------------------
+
+
+def mmd(x, y, kernel_mul=2.0, kernel_num=5):
+    """Biased multi-bandwidth Gaussian-kernel MMD^2, ORCA's `utils.MMD_loss`: x (N, D), y (M, D) -> scalar.
+    K(u, v) = sum_k exp(-||u - v||^2 / (bw * kernel_mul^k)), k < kernel_num, with bw = mean pairwise ||u - v||^2
+    over the joined set (off-diagonal, no gradient) / kernel_mul^(kernel_num // 2); MMD^2 = mean K_xx + mean K_yy
+    - 2 mean K_xy. The official code first draws len(y) source rows with replacement; do that before calling
+    (x[torch.randint(len(x), (len(y),))]) to match it exactly; with equal sizes this is its mean(K_ss+K_tt-K_st-K_ts)."""
+    x = _as_points("x", x)
+    y = _as_points("y", y, dim=x.shape[-1]).to(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        z = torch.cat([x, y])[None]
+        sq = 2 * half_sq_dist(z, z)[0]  # (N + M, N + M)
+        n = len(z[0])
+        bw = sq.detach().sum() / (n * n - n) / kernel_mul ** (kernel_num // 2)
+        K = sum(torch.exp(-sq / (bw * kernel_mul**k)) for k in range(kernel_num))
+        nx = len(x)
+        return K[:nx, :nx].mean() + K[nx:, nx:].mean() - 2 * K[:nx, nx:].mean()
