@@ -127,11 +127,11 @@ def virtual_update(model, theta, task, x, y, inner_lr, steps=1, first_order=Fals
     The model's own parameters are untouched: theta* lives only in the autograd graph (torch.func.functional_call).
     Returns (theta* as {name: tensor}, L_inner at theta). With first_order the gradients are detached."""
     # fused CPU/CUDA attention kernels have no double backward; the math kernel has
-    kernel = sdpa_kernel(SDPBackend.MATH) if not first_order else contextlib.nullcontext()
+    kernel = (lambda: sdpa_kernel(SDPBackend.MATH)) if not first_order else contextlib.nullcontext
     names, inner = list(theta), None
     # MAML-style unrolled steps on the same batch; the slides show one (the default)
     for _ in range(steps):
-        with kernel:
+        with kernel():
             loss = common.task_loss(task, functional_call(model, theta, (x,)), y)
         # create_graph keeps d(grad)/d(phi_e): the path by which L_outer reaches the embedder (second order)
         grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=not first_order,

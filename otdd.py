@@ -39,25 +39,28 @@ def _softmin(eps, C, h, dim):
     return -eps * (z.sum(dim).log() + z_max.squeeze(dim))
 
 
+def _scaling_sweep(K, a, b, p, q, omega, symmetric):
+    """One relaxed Sinkhorn iteration x <- x + omega (T(x) - x) in scaling form. K = exp((f + g - C) / eps) (B, N, M)
+    holds the potentials (f, g); p (B, N), q (B, M) are offsets from them in units of eps -> new p, q. It is the
+    log-domain update -eps log sum_j b_j exp((g_j - C_ij) / eps) with a matrix-vector product for the log-sum-exp."""
+    p_new = -torch.log((K * (b * q.exp())[:, None, :]).sum(2))  # (faster than a batched matmul with one column)
+    p = torch.where(a > 0, p + omega * (p_new - p), 0.0)  # padding keeps offset 0
+    if symmetric:  # f = g by symmetry; the q-update would repeat the p-update
+        return p, p
+    q_new = -torch.log(((a * p.exp())[:, None, :] @ K)[:, 0])
+    return p, torch.where(b > 0, q + omega * (q_new - q), 0.0)
+
+
 def sinkhorn(C, a, b=None, eps=0.1, tol=1e-2, max_iter=2000, scaling=0.5, overrelax=1.9):
     """Entropic OT values of a batch of problems: OT_eps = min_pi <pi, C> + eps KL(pi || a x b).
 
     C (B, N, M) cost; a (B, N), b (B, M) weights, each row summing to 1 (weight 0 = padding) -> (B,).
     b=None means the symmetric problem OT_eps(a, a) (C symmetric), solved with averaged updates.
-    Log-domain Sinkhorn with eps-scaling, stopped when the L1 marginal error is below `tol` for every problem.
+    Sinkhorn with eps-scaling, run until the L1 marginal error is below `tol` in every problem.
     Differentiable w.r.t. C: d OT / d C = pi (envelope theorem), so points get gradients through the cost.
     """
     symmetric = b is None
     b = a if symmetric else b
-    log_a, log_b = a.log(), b.log()
-
-    def sweep(f, g, eps_now, omega):
-        """One relaxed Sinkhorn iteration x <- x + omega (T(x) - x) at temperature eps_now."""
-        f = f + omega * (_softmin(eps_now, C0, log_b + g / eps_now, dim=2) - f)
-        if symmetric:  # f = g by symmetry; the g-update would repeat the f-update
-            return f, f
-        return f, g + omega * (_softmin(eps_now, C0, log_a + f / eps_now, dim=1) - g)
-
     with torch.no_grad():
         C0 = C.detach()
         # OT(C - r(+)s) = OT(C) - <a, r> - <b, s> for fixed marginals. Centring rows and columns keeps the
@@ -66,32 +69,45 @@ def sinkhorn(C, a, b=None, eps=0.1, tol=1e-2, max_iter=2000, scaling=0.5, overre
         s = ((C0 - r[:, :, None]) * a[:, :, None]).sum(1)
         C0 = C0 - r[:, :, None] - s[:, None, :]
         valid = (a[:, :, None] > 0) & (b[:, None, :] > 0)
-        f, g = torch.zeros_like(a), torch.zeros_like(b)
         # Symmetric problems (x against itself) have a near-identity plan: the plain update T then maps f to about
         # -f (up to a constant) and alternating updates crawl, while the average (f + T(f)) / 2 lands next to the
         # fixed point at once (geomloss does the same). Other problems use over-relaxed updates, 1 < w < 2
-        # (Thibault et al. 2017): costs ~1000x eps make plain Sinkhorn slow, and w = 1.8 saves 3-10x iterations.
+        # (Thibault et al. 2017): costs ~1000x eps make plain Sinkhorn slow, and w = 1.9 saves 3-10x iterations.
         omega = 0.5 if symmetric else overrelax
         # eps-scaling: start at the cost's spread, where one iteration already gives the right potentials, and
-        # shrink eps geometrically; each coarse solution warm-starts the next (Schmitzer 2019, geomloss).
-        eps_now = C0.abs().masked_fill(~valid, 0).amax().item()
-        while eps_now > eps:
-            f, g = sweep(f, g, eps_now, min(omega, 1.0))
-            eps_now *= scaling
-        for it in range(max_iter):
-            f, g_new = sweep(f, g, eps, omega)
-            # sum_j b_j |T(g)_j - g_j| / eps: the L1 error of the marginal that this update fixes
-            err = (b * (g_new - g).abs()).sum(1) / (omega * eps)
-            g = g_new
-            if err.max() < tol:
-                break
-        else:
+        # shrink eps geometrically, one iteration per level; each level warm-starts the next (Schmitzer 2019).
+        eps_now = max(C0.abs().masked_fill(~valid, 0).amax().item(), eps)
+        f, g = torch.zeros_like(a), torch.zeros_like(b)
+        iters, converged = 0, False
+        while not converged and iters < max_iter:
+            # Stabilised scaling form (Schmitzer 2019): absorb (f, g) into the kernel K once, then iterate on small
+            # offsets with matrix-vector products, ~30x cheaper on CPU than a log-sum-exp over (B, N, M) per update.
+            # The clamp only guards padding entries; exp(-80) is 1e-35, and arguments below ~-87 also run ~10x
+            # slower on CPU (denormals).
+            K = ((f[:, :, None] + g[:, None, :] - C0) / eps_now).clamp_(-80, 80).exp_()
+            p, q = torch.zeros_like(f), torch.zeros_like(g)
+            while iters < max_iter:
+                w = omega if eps_now == eps else min(omega, 1.0)
+                p, q_new = _scaling_sweep(K, a, b, p, q, w, symmetric)
+                # sum_j b_j |T(g)_j - g_j| / eps: the L1 error of the marginal that this update fixes
+                err = (b * (q_new - q).abs()).sum(1) / w
+                q = q_new
+                if eps_now > eps:
+                    break
+                iters += 1
+                converged = bool(err.max() < tol)
+                # absorb the offsets into K again before exp(p), exp(q) can overflow
+                if converged or max(p.abs().max(), q.abs().max()) > 30:
+                    break
+            f, g = f + eps_now * p, g + eps_now * q
+            eps_now = max(eps_now * scaling, eps)
+        if not converged:
             warnings.warn(f"sinkhorn: marginal error {err.max().item():.1e} > tol={tol} after {max_iter} iterations")
     # One last Sinkhorn step with autograd on. At the fixed point, d<a,f>/dC = pi and g does not move to first
     # order, so backprop through this single step gives the envelope gradient; no need to unroll the loop.
     C1 = C - r[:, :, None] - s[:, None, :]
-    f = _softmin(eps, C1, log_b + g / eps, dim=2)
-    g = _softmin(eps, C1.detach(), log_a + f.detach() / eps, dim=1)
+    f = _softmin(eps, C1, b.log() + g / eps, dim=2)
+    g = _softmin(eps, C1.detach(), a.log() + f.detach() / eps, dim=1)
     return (a * (f + r)).sum(1) + (b * (g + s)).sum(1)
 
 

@@ -47,6 +47,16 @@ def test_virtual_update_is_one_sgd_step(setup):
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
     changed = [k for k in theta if not torch.equal(theta_star[k], theta[k])]
     assert len(changed) > len(theta) // 2
+    # --inner_steps 2: two SGD steps on the same batch
+    theta_two, _ = mona.virtual_update(model, theta, task, x, y, inner_lr=0.3, steps=2)
+    manual = copy.deepcopy(model)
+    optimizer = torch.optim.SGD([p for k, p in manual.named_parameters() if k in theta], lr=0.3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        common.task_loss(task, manual(x), y).backward()
+        optimizer.step()
+    expected = dict(manual.named_parameters())
+    assert all(torch.allclose(v, expected[k], atol=1e-5) for k, v in theta_two.items())
 
 
 def test_meta_step_changes_only_the_embedder(setup):

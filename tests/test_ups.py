@@ -115,10 +115,11 @@ def test_2d_fitzhugh_nagumo_data_satisfy_their_equations():
             assert np.abs(dudt - rhs[c]).max() < 1e-3 * np.abs(rhs[c]).max()
 
 
-def test_untrained_residual_model_is_persistence():
+@pytest.mark.parametrize("head", ["tokens", "pooled"])
+def test_untrained_residual_model_is_persistence(head):
     """Zero-initialised residual head: predictions equal the input state, through pack / mask / rollout."""
     torch.manual_seed(0)
-    args = ups.get_args(["--body", "tiny", "--size", "16", "--modes", "4", "--width", "4"])
+    args = ups.get_args(["--body", "tiny", "--size", "16", "--modes", "4", "--width", "4", "--head", head])
     specs = [dict(ups.FAMILIES["advection"], n=16), dict(ups.FAMILIES["reacdiff2d"], n=8)]
     model = ups.UPSModel(common.build_body("tiny"), specs, args)
     for fam, s in enumerate(specs):
