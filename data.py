@@ -970,9 +970,14 @@ def _docstring_sentences(per_class=600):
     texts, labels = [], []
     for label, pkg_name in enumerate(DOCSTRING_PACKAGES):
         pkg = importlib.import_module(pkg_name)
-        modules = [pkg] + [importlib.import_module(f"{pkg_name}.{m.name}") for m in
-                           pkgutil.iter_modules(getattr(pkg, "__path__", []))
-                           if not m.name.startswith("_") and "test" not in m.name]
+        modules = [pkg]
+        for m in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+            if m.name.startswith("_") or "test" in m.name:
+                continue
+            try:
+                modules.append(importlib.import_module(f"{pkg_name}.{m.name}"))
+            except ImportError:  # platform-only modules, e.g. asyncio.windows_events on Linux
+                continue
         seen = []
         for mod in modules:
             for obj in [mod] + [v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]:

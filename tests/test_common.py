@@ -202,3 +202,8 @@ def test_user_error_prints_one_line_without_traceback(run):
     proc, _ = run("finetune.py", "--task", "custom", "--data_path", "missing.npz", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["error: task 'custom': file missing.npz not found"]
+
+
+def test_docstring_text_proxy_loads_on_this_platform():
+    texts, labels = data._docstring_sentences(per_class=50)  # must skip platform-only modules (asyncio.windows_*)
+    assert sorted(set(labels.tolist())) == list(range(8)) and len(texts) == len(labels)
