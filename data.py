@@ -119,7 +119,8 @@ TASKS = {
     "synthetic_multilabel": dict(kind="multilabel", loss="bce", metric="1-auroc", defaults=_TINY),
     "gunpoint": dict(kind="classification", loss="ce", metric="error", val_fraction=0.2,
                      defaults=dict(_CPU, epochs=60, batch_size=20, lr=1e-4, warmup_epochs=5, target_seq_len=16)),
-    "digits": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5)),
+    # 2x2-pixel patches (16 tokens): a 1-pixel patch keeps only its sign through the embedder's LayerNorm
+    "digits": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5, target_seq_len=16)),
     "burgers": dict(kind="dense", loss="nrmse", metric="nrmse",
                     defaults=dict(_CPU, epochs=10, batch_size=16, weight_decay=0.0, clip=1.0)),
     "fashion_mnist": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5)),

@@ -10,12 +10,12 @@ virtually updated encoder; score its features with L_outer = L_align + L_uniform
 alone with beta grad of L'_outer = lambda L_outer + L_inner. The virtual update is thrown away: the encoder starts
 every iteration from theta_f0. Stage 2 is plain full fine-tuning (common.fit).
 
-    paper   https://arxiv.org/abs/2406.18864 (PMLR v235, 33777-33793); no public code: the paper, the seed slides
-            33-41 (Algorithm 1) and /work/shared/docs/mona_ups_notes.md are the spec.
+    paper   https://arxiv.org/abs/2406.18864 (PMLR v235, 33777-33793); no public code was found: the paper and its
+            Algorithm 1 are the spec.
 
-    python mona.py                                         # MiniLM on UCR GunPoint, 2-core CPU, a few minutes
-    python mona.py --task digits --meta_epochs 1 --distortion   # 2D task; linear-probe source accuracy before/after
-    python mona.py --task synthetic --body tiny --epochs 1      # seconds, for tests
+    python mona.py                                         # MiniLM on UCR GunPoint: 20 meta steps, 60 epochs (CPU)
+    python mona.py --task digits --distortion              # 2D task; linear-probe source accuracy before / after
+    python mona.py --task synthetic --body tiny --epochs 1 # seconds, for tests
     python mona.py --meta_steps 0 --distortion             # plain fine-tuning, with the same distortion measure
 
 Choices where the paper is silent or the slides are ambiguous (there is no official code to deviate from):

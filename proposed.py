@@ -73,8 +73,9 @@ def get_args(argv=None):
     g.add_argument("--gumbel_epochs", type=int, default=None, help="then hard top-k; min(5 1D|10 2D, epochs/2)")
     g.add_argument("--gumbel_tau", type=float, default=0.9, help="Gumbel top-k temperature (PaRe: 0.9)")
     g = parser.add_argument_group("proposed 001: fine-tuning and prediction options")
-    g.add_argument("--train_embedder", default="train", choices=["freeze", "train", "linear"], help="linear: proj.")
-    g.add_argument("--keep_prob", action=argparse.BooleanOptionalAction, default=True, help="weights P_l(d_i)P_l(d_j)")
+    g.add_argument("--train_embedder", default="train", choices=["freeze", "train", "linear"],
+                   help="fine-tune the embedder, freeze it, or train only a linear projection after it")
+    g.add_argument("--keep_prob", action=argparse.BooleanOptionalAction, default=True, help="P_l(d_i)P_l(d_j) weights")
     g.add_argument("--pl_c", type=float, default=0, help="C of P_l; 0 = number of classes (|h(d)| if not classes)")
     g.add_argument("--predict", default="normal", choices=["normal", "perturb"], help="perturb: y = E[h(d~)]")
     g.add_argument("--perturb_samples", type=int, default=8, help="noisy copies of d averaged by --predict perturb")

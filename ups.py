@@ -201,8 +201,9 @@ def family_trajectories(name, split, num, data_dir):
 
 # ---- the unified representation ------------------------------------------------------------------------------
 def to_unified(fields, spec, size=32):
-    """METHOD (paper sec. 3.1): fields (B, C_f, n) for 1D or (B, C_f, n, n) for 2D, channels named by
-    spec["channels"] -> (state (B, C_MAX, size, size), mask of the same shape: 1 where the loss counts)."""
+    """METHOD: one layout for all families (paper sec. 3.1). fields (B, C_f, n) for 1D or (B, C_f, n, n) for 2D,
+    channels named by spec["channels"] -> (state (B, C_MAX, size, size), mask of the same shape: 1 where the loss
+    counts)."""
     fields = torch.as_tensor(fields, dtype=torch.float32)
     B, C, n = fields.shape[0], fields.shape[1], spec["n"]
     if fields.shape[1:] != (len(spec["channels"]),) + (n,) * spec["dim"] or size % n:
@@ -279,7 +280,8 @@ class SpectralConv2d(nn.Module):
 
 
 class FNOEmbedder(nn.Module):
-    """METHOD (official PDEEmbeddings + FNO2d): (state, grid) -> FNO hidden channels -> one token per channel.
+    """METHOD: the FNO embedder (official PDEEmbeddings + FNO2d): (state, grid) -> FNO hidden channels -> one token
+    per channel.
     Returns tokens (B, T_text + width, D) and, if asked, the FNO's own prediction (B, C_MAX, S, S) for stage 1."""
 
     def __init__(self, size, width, modes, layers, dim, num_text, body):
@@ -310,7 +312,7 @@ class FNOEmbedder(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """METHOD (ours, --head tokens): features (B, L, D) -> (B, C_MAX, S, S). Each of the last W (PDE) tokens goes
+    """METHOD: (ours, --head tokens) features (B, L, D) -> (B, C_MAX, S, S). Each of the last W (PDE) tokens goes
     back to an S x S map, the inverse of the embedder's channel -> token map, and the W maps are mixed pointwise
     into the C_MAX channels, as the FNO's own output head (fc1, GELU, fc2) does."""
 
@@ -326,8 +328,8 @@ class TokenHead(nn.Module):
 
 @torch.no_grad()
 def describe(body, texts):
-    """METHOD (official add_text=cat): one-line PDE descriptions -> (F, T, D) tokens of the body's own frozen input
-    embedding. Text bodies use their tokenizer; the tiny test body reads bytes."""
+    """METHOD: PDE text (official add_text=cat): one-line PDE descriptions -> (F, T, D) tokens of the body's own
+    frozen input embedding. Text bodies use their tokenizer; the tiny test body reads bytes."""
     if body.kind == "text":
         from transformers import AutoTokenizer
         ids = AutoTokenizer.from_pretrained(body.model.name_or_path)(texts, padding=True, return_tensors="pt")
@@ -371,12 +373,13 @@ class UPSModel(nn.Module):
         tokens, _, state, fam = self.embed(x)
         features = self.body(tokens)  # (B, L, D)
         out = self.head(features.mean(1)).reshape(state.shape) if self.pooled else self.head(features)
-        return (out + state if self.residual else out) * self.masks[fam]  # masked, as the official out *= mask
+        # METHOD: missing quantities (and the copies of a 1D row) are masked out, as the official out *= mask
+        return (out + state if self.residual else out) * self.masks[fam]
 
 
 # ---- stage 1: align the embedder to the body's feature space --------------------------------------------------
 def align_embedder(model, task, args, run, device):
-    """METHOD (official embedder.py get_tgt_model): train the embedder alone on the FNO's masked nRMSE plus the
+    """METHOD: stage 1 (official embedder.py get_tgt_model): train the embedder alone on the FNO's masked nRMSE plus the
     distance between its mean-pooled tokens and the body's source features (MMD, or OTDD with family labels)."""
     if args.align_objective != "none":
         import otdd
@@ -416,8 +419,9 @@ def align_embedder(model, task, args, run, device):
 # ---- evaluation: one step and autoregressive rollout ---------------------------------------------------------
 @torch.no_grad()
 def evaluate_family(model, traj, spec, fam, size, device, batch=64):
-    """nRMSE in the family's own layout: one step over every (t, t+1) test pair; rollout from t = 0 over all steps,
-    each prediction fed back through from_unified / to_unified; persistence for both."""
+    """METHOD: autoregressive evaluation. nRMSE in the family's own layout: one step over every (t, t+1) test pair;
+    rollout from t = 0 over all steps, each prediction fed back through from_unified / to_unified; persistence for
+    both."""
     model.eval()
     traj = torch.as_tensor(traj)
     target = traj[:, 1:]  # (N, T, C, ...)
@@ -458,13 +462,13 @@ if __name__ == "__main__":
     model = UPSModel(common.build_body(args.body, args.pretrained), specs, args).to(device)
     print("params {:,}/{:,}".format(*common.count_params(model)), f"| tokens per state {len(model.embedder.pos)}")
 
-    # stage 1 (METHOD): align the embedder, body frozen
+    # METHOD: stage 1, align the embedder, body frozen
     if args.resume and (run.dir / "embedder.pt").exists():
         model.embedder.load_state_dict(torch.load(run.dir / "embedder.pt")["embedder"])
     elif args.align_epochs > 0:
         align_embedder(model, task, args, run, device)
 
-    # stage 2 (METHOD): one model for all families, next-step masked nRMSE, the shared loop; then per-family test
+    # METHOD: stage 2, one model for all families, next-step masked nRMSE, the shared loop; then per-family test
     val_score = common.fit(model, task, args, run, device)
     model.load_state_dict(torch.load(run.dir / "ckpt.pt", map_location=device)["model"])
     results = {f: evaluate_family(model, splits[f]["test"], FAMILIES[f], table.index(f), args.size, device)
@@ -472,8 +476,8 @@ if __name__ == "__main__":
     for f, r in results.items():
         print(f"test {f} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
 
-    # few-shot transfer (paper sec. 5.3): fine-tune on a few trajectories of the held-out family, next to a model of
-    # the same size trained from scratch (random body, no alignment) on the same trajectories
+    # METHOD: few-shot transfer (paper sec. 5.3): fine-tune on a few trajectories of the held-out family, next to a
+    # model of the same size trained from scratch (random body, no alignment) on the same trajectories
     fs = None
     if fewshot:
         few = {fewshot: dict(splits[fewshot], train=splits[fewshot]["train"][: args.fewshot_n])}

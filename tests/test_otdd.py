@@ -73,7 +73,8 @@ def test_translation_closed_form():
     # c(x, y + t) = c(x, y) - <x - y, t> + |t|^2 / 2 and the middle term is separable, so S_eps(x, x + t) = |t|^2 / 2
     x, t = points(12, seed=6), torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     for eps in [1.0, 0.2]:
-        assert otdd.sinkhorn_divergence(x, x + t, eps=eps, **TIGHT).item() == pytest.approx(0.5 * t.dot(t).item(), rel=1e-9)
+        value = otdd.sinkhorn_divergence(x, x + t, eps=eps, **TIGHT).item()
+        assert value == pytest.approx(0.5 * t.dot(t).item(), rel=1e-9)
 
 
 def test_invariants():
@@ -121,10 +122,16 @@ def test_otdd_matches_its_definition():
         lab = W[z1[..., -1].long()[:, :, None], z2[..., -1].long()[:, None, :]]
         return otdd.half_sq_dist(z1[..., :-1], z2[..., :-1]) + 0.5 * lab
 
+    x_t_ref, x_t_ours = x_t.clone().requires_grad_(), x_t.clone().requires_grad_()
     z_s = torch.cat([x_s, y_s[:, None].double()], 1)
-    z_t = torch.cat([x_t, 3 + y_t[:, None].double()], 1)
+    z_t = torch.cat([x_t_ref, 3 + y_t[:, None].double()], 1)
     ref = otdd.sinkhorn_divergence(z_s, z_t, eps=0.5, cost=cost, **TIGHT)
-    assert otdd.otdd(x_s, y_s, x_t, y_t, eps=0.5, **TIGHT_OTDD).item() == pytest.approx(ref.item(), rel=1e-9)
+    ours = otdd.otdd(x_s, y_s, x_t_ours, y_t, eps=0.5, **TIGHT_OTDD)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    # gradients flow through the feature cost only (W is a constant, as in the official code)
+    ref.backward()
+    ours.backward()
+    torch.testing.assert_close(x_t_ours.grad, x_t_ref.grad, rtol=1e-7, atol=1e-10)
 
 
 def test_otdd_object_function_and_self_distance():
@@ -181,3 +188,12 @@ def test_bad_inputs_raise_one_clear_error():
         otdd.OTDD(x_s, y_s[:-1])
     with pytest.raises(ValueError, match="label_distance"):
         otdd.OTDD(x_s, y_s, label_distance="bures")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu():
+    x_s, y_s = labelled(20, 3, d=16, seed=90)
+    x_t = points(30, d=16, seed=91).float()
+    cpu = otdd.otdd(x_s.float(), y_s, x_t)
+    gpu = otdd.otdd(x_s.float().cuda(), y_s.cuda(), x_t.cuda())
+    assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
