@@ -37,6 +37,7 @@ Choices where the paper is silent or the slides are ambiguous (there is no offic
 """
 import argparse
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -88,6 +89,9 @@ def get_args(argv=None):
     g.add_argument("--distortion", action="store_true",
                    help="linear-probe source accuracy through the encoder before and after fine-tuning")
     g.add_argument("--probe_samples", type=int, default=2000, help="source samples for the linear probe")
+    g.add_argument("--probe_ckpt", default=None,
+                   help="PATH to the ckpt.pt of any method's run (same --task, --body): print the distortion of its "
+                        "fine-tuned encoder and exit, so every method is measured the same way")
     args = common.parse_args(parser, argv, method_defaults=MONA_DEFAULTS)
     if args.inner_steps < 1 or args.meta_epochs < 0 or args.outer_weight < 0:
         raise common.UserError("--inner_steps must be >= 1, --meta_epochs >= 0 and --outer_weight >= 0")
@@ -252,6 +256,19 @@ def load_embedder(model, path):
 # ---- main ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     args = get_args()
+    if args.probe_ckpt:  # the diagnostic alone, for a run of another method
+        device = common.get_device(args.device)
+        common.seed_everything(args.seed)
+        body = common.build_body(args.body, args.pretrained).to(device)
+        source_set = data.load_source(data.default_source(body, args.data_dir) if args.source in ("auto", "none")
+                                      else args.source, body, args.data_dir)
+        before = linear_probe(body, source_set, args.probe_samples, args.seed, device)
+        state = torch.load(args.probe_ckpt, map_location=device, weights_only=False)["model"]
+        body.load_state_dict({k[len("body."):]: v for k, v in state.items() if k.startswith("body.")})
+        after = linear_probe(body, source_set, args.probe_samples, args.seed, device)
+        probe = dict(ckpt=args.probe_ckpt, probe_before=before, probe_after=after, distortion=before - after)
+        print(f"PROBE {json.dumps(probe)}")
+        raise SystemExit
     run, device = common.setup("mona", args)
 
     # data and model: the shared substrate (task-specific embedder and head around the pretrained body)

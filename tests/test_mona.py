@@ -12,6 +12,7 @@ import torch
 import common
 import data
 import mona
+from conftest import run_script
 
 
 @pytest.fixture
@@ -125,3 +126,11 @@ def test_smoke_run(run, tmp_path):
     proc, final = run("mona.py", "--task", "synthetic", "--body", "tiny", "--epochs", "1",
                       "--embedder_ckpt", out / "embedder.pt", "--out_dir", tmp_path / "out2")
     assert "stage 1 skipped" in proc.stdout and final["meta_steps"] == 2
+    # --probe_ckpt measures any run's checkpoint the same way: it reproduces this run's figure after fine-tuning
+    # (before: the freshly built body, the pretrained one for real bodies; the tiny body is random, so no match)
+    proc = run_script("mona.py", "--task", "synthetic", "--body", "tiny", "--probe_samples", "100",
+                      "--data_dir", tmp_path / "data", "--probe_ckpt", out / "ckpt.pt")[0]
+    probe = json.loads(proc.stdout.splitlines()[-1][len("PROBE "):])
+    first = json.loads((out / "results.json").read_text())
+    assert 0 <= probe["probe_before"] <= 1
+    assert probe["probe_after"] == pytest.approx(first["probe_after"])
