@@ -142,14 +142,24 @@ class Body(nn.Module):
     source_embeddings(x): the body's own *pretrained* input embedding, for source (proxy) data."""
 
     def __init__(self, model, kind, dim, out_dim, position_table=None, embed_norm=None, patch_conv=None,
-                 image_size=None, patch_size=None, source_embeddings=None):
+                 image_size=None, patch_size=None, source_embeddings=None, source_module=None):
         super().__init__()
         self.model, self.kind, self.dim, self.out_dim = model, kind, dim, out_dim
         self.image_size, self.patch_size = image_size, patch_size
         # Kept out of the module tree on purpose (plain __dict__ entries): they are copied into new embedders
         # once, are never trained through the body, and should not be saved twice in every checkpoint.
+        # source_module is the pretrained input embedding that source_embeddings runs (frozen).
         self.__dict__.update(position_table=position_table, embed_norm=embed_norm, patch_conv=patch_conv,
-                             source_embeddings=source_embeddings)
+                             source_embeddings=source_embeddings, source_module=source_module)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device) / .half() / ... also move the frozen out-of-tree modules, so that source data can be
+        embedded wherever the body is."""
+        super()._apply(fn, *args, **kwargs)
+        hidden = (self.embed_norm, self.patch_conv, self.source_module)
+        for m in {id(m): m for m in hidden if isinstance(m, nn.Module)}.values():
+            m._apply(fn, *args, **kwargs)
+        return self
 
     def out_grid(self, grid):
         """Token grid (h, w) after the body, for dense 2D heads."""
@@ -232,7 +242,7 @@ def _wrap_hf_text(model):
         p.requires_grad_(False)
     dim = model.config.hidden_size
     return Body(model, "text", dim, dim, position_table=table, embed_norm=emb.LayerNorm,
-                source_embeddings=lambda ids: emb(input_ids=ids))
+                source_embeddings=lambda ids: emb(input_ids=ids), source_module=emb)
 
 
 def _timm_body(name, pretrained, **overrides):
@@ -253,7 +263,7 @@ def _timm_body(name, pretrained, **overrides):
     image_size = pe.img_size[0] if hasattr(pe, "img_size") else 224
     return Body(model, "vision", dim, model.num_features, embed_norm=norm, patch_conv=conv,
                 image_size=image_size, patch_size=conv.kernel_size[0],
-                source_embeddings=lambda img: norm(conv(img).flatten(2).transpose(1, 2)))
+                source_embeddings=lambda img: norm(conv(img).flatten(2).transpose(1, 2)))  # both moved by _apply
 
 
 def build_body(name, pretrained=True, **overrides):

@@ -1046,7 +1046,9 @@ def default_source(body, data_dir="./datasets"):
 @torch.no_grad()
 def embed_source(body, x):
     """Source tokens through the body's *pretrained* input embedding: (B, T) ids or (B, 3, H, W) -> (B, T', D).
-    Precomputed token features (B, T, D) (the 'conll' source) are already embedded and pass through unchanged."""
+    Precomputed token features (B, T, D) (the 'conll' source) are already embedded and pass through unchanged.
+    The result is on the body's device."""
+    x = x.to(next(body.parameters()).device)
     if x.dtype.is_floating_point and x.ndim == 3:
         if x.shape[-1] != body.dim:
             raise UserError(f"precomputed source features are {x.shape[-1]} wide but the body is {body.dim} wide; "

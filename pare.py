@@ -214,17 +214,9 @@ class SourceBatches:
         return self.x[rows], self.y[rows]  # the last batch of a pass may be short: that step is not mixed
 
 
-def source_device(body):
-    """Where the body's frozen source embedding lives: common.Body keeps the pretrained HF / timm input embedding out
-    of the module tree (so .to(device) does not move it, it stays on the CPU); the tiny body's is a method of a module
-    that does move."""
-    owner = getattr(body.source_embeddings, "__self__", None)
-    return next(owner.parameters()).device if isinstance(owner, nn.Module) else torch.device("cpu")
-
-
 def embed_source(body, x, device):
     """Source tokens (B, T, D) on `device` through the body's pretrained (frozen) input embedding."""
-    return data.embed_source(body, x.to(source_device(body))).to(device)
+    return data.embed_source(body, x).to(device)
 
 
 # ---- the training step ---------------------------------------------------------------------------------------

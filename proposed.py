@@ -267,10 +267,8 @@ class SourceBatches:
 
 
 def embed_source(body, x, device):
-    """Source tokens (B, T, D) through the body's frozen pretrained input embedding (which may stay on the CPU)."""
-    owner = getattr(body.source_embeddings, "__self__", None)
-    where = next(owner.parameters()).device if isinstance(owner, nn.Module) else torch.device("cpu")
-    return data.embed_source(body, x.to(where)).to(device)
+    """Source tokens (B, T, D) on `device` through the body's frozen pretrained input embedding."""
+    return data.embed_source(body, x).to(device)
 
 
 def make_compute(task, sources, args, k0, k_end, device):

@@ -207,3 +207,13 @@ def test_user_error_prints_one_line_without_traceback(run):
 def test_docstring_text_proxy_loads_on_this_platform():
     texts, labels = data._docstring_sentences(per_class=50)  # must skip platform-only modules (asyncio.windows_*)
     assert sorted(set(labels.tolist())) == list(range(8)) and len(texts) == len(labels)
+
+
+def test_source_embedding_follows_the_body():
+    # the pretrained input embedding lives outside the module tree; .to() / .double() must still move it, or source
+    # data would be embedded on the CPU in float32 while the body runs elsewhere (a crash on a GPU)
+    body = common.build_body("minilm").double()
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    tokens = data.embed_source(body, ids)
+    assert tokens.dtype == torch.float64 and body.embed_norm.weight.dtype == torch.float64
+    assert torch.isfinite(body(tokens)).all()
