@@ -450,6 +450,22 @@ def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, b
     return CrossModalModel(embedder, body, head)
 
 
+def load_embedder(model, path, script):
+    """Load an embedder.pt written by an earlier `script` run (stage-1 output) into model.embedder; returns the
+    dict it holds (the embedder's state and how it was made)."""
+    if not Path(path).exists():
+        raise UserError(f"--embedder_ckpt {path} not found; give the embedder.pt of an earlier {script} run")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "embedder" not in state:
+        raise UserError(f"{path} is not a {script} embedder.pt (no 'embedder' entry)")
+    try:
+        model.embedder.load_state_dict(state["embedder"])
+    except RuntimeError as e:
+        raise UserError(f"embedder in {path} does not fit this model ({str(e).splitlines()[1].strip()}); it must "
+                        f"come from a run with the same --task, --body and --target_seq_len") from None
+    return state
+
+
 def count_params(module):
     """(trainable, total) parameter counts."""
     params = list(module.parameters())

@@ -1016,7 +1016,9 @@ def load_source(name, body, data_dir="./datasets", n=5000, seed=0):
                              torch.as_tensor(y[order]))
     if name == "docstrings":
         if body.kind != "text":
-            raise UserError("source 'docstrings' is text; a vision body needs an image source (--source digits)")
+            fix = "--source digits or cifar10" if body.kind == "vision" else "--source synthetic"
+            raise UserError(f"source 'docstrings' needs a pretrained text body (its tokenizer), not the {body.kind} "
+                            f"body; use {fix}")
         from transformers import AutoTokenizer
         texts, y = _docstring_sentences()
         tok = AutoTokenizer.from_pretrained(body.model.name_or_path)

@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -238,21 +237,6 @@ def linear_probe(body, source_set, n=2000, seed=0, device="cpu", batch_size=64):
     return float(probe.fit(f_tr, y_tr).score(f_te, y_te))
 
 
-def load_embedder(model, path):
-    """Load an embedder.pt written by an earlier mona.py run into model.embedder; returns the dict it holds."""
-    if not Path(path).exists():
-        raise common.UserError(f"--embedder_ckpt {path} not found; give the embedder.pt of an earlier mona.py run")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "embedder" not in state:
-        raise common.UserError(f"{path} is not an embedder.pt (no 'embedder' entry)")
-    try:
-        model.embedder.load_state_dict(state["embedder"])
-    except RuntimeError as e:
-        raise common.UserError(f"embedder in {path} does not fit this model ({str(e).splitlines()[1].strip()}); it "
-                               f"must come from a run with the same --task, --body and --target_seq_len") from None
-    return state
-
-
 # ---- main ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     args = get_args()
@@ -301,7 +285,8 @@ if __name__ == "__main__":
     emb_path = run.dir / "embedder.pt"
     stage1 = dict(source=source, meta_steps=meta_steps)  # saved with the embedder, so a reused one is described
     if args.embedder_ckpt or (args.resume and emb_path.exists()):
-        stage1 = {k: v for k, v in load_embedder(model, args.embedder_ckpt or emb_path).items() if k != "embedder"}
+        state = common.load_embedder(model, args.embedder_ckpt or emb_path, "mona.py")
+        stage1 = {k: v for k, v in state.items() if k != "embedder"}
         print(f"stage 1 skipped: embedder loaded from {args.embedder_ckpt or emb_path}")
     elif meta_steps > 0:
         t0 = time.time()

@@ -34,7 +34,6 @@ Deviations from the official code (orca_pare_reference.md sections 2, 3 and 6):
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -214,21 +213,6 @@ def freeze(model, which):
     return params
 
 
-def load_embedder(model, path):
-    """Load an embedder.pt written by an earlier run into model.embedder; returns the dict it holds."""
-    if not Path(path).exists():
-        raise common.UserError(f"--embedder_ckpt {path} not found; give the embedder.pt of an earlier orca.py run")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "embedder" not in state:
-        raise common.UserError(f"{path} is not an orca.py embedder.pt (no 'embedder' entry)")
-    try:
-        model.embedder.load_state_dict(state["embedder"])
-    except RuntimeError as e:
-        raise common.UserError(f"embedder in {path} does not fit this model ({str(e).splitlines()[1].strip()}); it "
-                               f"must come from a run with the same --task, --body and --target_seq_len") from None
-    return state
-
-
 # ---- main ----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     args = get_args()
@@ -251,7 +235,7 @@ if __name__ == "__main__":
     align = dict(source=source, objective=args.objective, embedder_epochs=args.embedder_epochs, otdd_before=None,
                  otdd_after=None)
     if args.embedder_ckpt or (args.resume and emb_path.exists()):
-        state = load_embedder(model, args.embedder_ckpt or emb_path)
+        state = common.load_embedder(model, args.embedder_ckpt or emb_path, "orca.py")
         align = {k: state.get(k) for k in align}  # describe the stage 2 that made this embedder
         print(f"stage 2 skipped: embedder loaded from {args.embedder_ckpt or emb_path} ({align})")
     elif args.embedder_epochs > 0 and source != "none":

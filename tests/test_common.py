@@ -217,3 +217,18 @@ def test_source_embedding_follows_the_body():
     tokens = data.embed_source(body, ids)
     assert tokens.dtype == torch.float64 and body.embed_norm.weight.dtype == torch.float64
     assert torch.isfinite(body(tokens)).all()
+
+
+def test_load_embedder_errors_name_the_fix(tmp_path):
+    task = data.get_task("synthetic")
+    model = common.build_model(task, "tiny", True, 64)
+    with pytest.raises(common.UserError, match="not found"):
+        common.load_embedder(model, tmp_path / "missing.pt", "orca.py")
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(common.UserError, match="no 'embedder' entry"):
+        common.load_embedder(model, tmp_path / "ckpt.pt", "orca.py")
+    torch.save({"embedder": model.embedder.state_dict(), "source": "synthetic"}, tmp_path / "embedder.pt")
+    assert common.load_embedder(model, tmp_path / "embedder.pt", "orca.py")["source"] == "synthetic"
+    other = common.build_model(task, "tiny", True, 8)  # fewer tokens: positions of another shape
+    with pytest.raises(common.UserError, match="does not fit"):
+        common.load_embedder(other, tmp_path / "embedder.pt", "orca.py")
