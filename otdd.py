@@ -77,31 +77,44 @@ def sinkhorn(C, a, b=None, eps=0.1, tol=1e-2, max_iter=2000, scaling=0.5, overre
         # -f (up to a constant) and alternating updates crawl, while the average (f + T(f)) / 2 lands next to the
         # fixed point at once (geomloss does the same). Other problems use over-relaxed updates, 1 < w < 2
         # (Thibault et al. 2017): with costs ~1000x eps plain Sinkhorn is slow, and w = 1.9 needs 3-30x fewer.
-        omega = 0.5 if symmetric else overrelax
+        # Over-relaxation is only locally convergent: from some warm starts w = 1.9 oscillates with growing
+        # amplitude. A problem whose error doubles over its best so far falls back to w = 1 (plain Sinkhorn,
+        # which always converges); the others keep w.
+        omega = torch.full((len(a), 1), 0.5 if symmetric else overrelax, dtype=a.dtype, device=a.device)
+        best = torch.full((len(a),), float("inf"), dtype=a.dtype, device=a.device)
         f, g = torch.zeros_like(a), torch.zeros_like(b)
+        # problems that met tol stop moving, so each problem of a batch ends as it would alone: over-relaxed
+        # updates (w > 1) continued far past convergence can drift and overflow in float32
+        done = torch.zeros(len(a), dtype=torch.bool, device=a.device)
         iters, converged = 0, False
         while not converged and iters < max_iter:
             # Stabilised scaling form (Schmitzer 2019): absorb (f, g) into the kernel K, then iterate on offsets
             # p, q with matrix-vector products, ~10x cheaper on CPU than a log-sum-exp over (B, N, M) per update.
-            # The clamp guards padding entries (exp(-80) = 2e-35; below -87, exp also runs ~10x slower on CPU).
+            # The clamp keeps exp finite (exp(-80) = 2e-35; below -87, exp also runs ~10x slower on CPU).
             K = torch.add(f[:, :, None], g[:, None, :]).sub_(C0).div_(eps_now).clamp_(-80, 80).exp_()
+            K.masked_fill_(padding, 0)  # padding never enters a sum (its clamped entries could reach e^80)
             p, q = torch.zeros_like(f), torch.zeros_like(g)
             while iters < max_iter:
-                w = omega if eps_now == eps else min(omega, 1.0)
-                p, q_new = _scaling_sweep(K, a, b, p, q, w, symmetric)
-                err = (b * (q_new - q).abs()).sum(1) / w  # sum_j b_j |T(g)_j - g_j| / eps: L1 marginal error
-                q = q_new
+                w = omega if eps_now == eps else omega.clamp(max=1.0)
+                p_new, q_new = _scaling_sweep(K, a, b, p, q, w, symmetric)
+                err = (b * (q_new - q).abs()).sum(1) / w[:, 0]  # sum_j b_j |T(g)_j - g_j| / eps: L1 marginal error
+                p, q = torch.where(done[:, None], p, p_new), torch.where(done[:, None], q, q_new)
                 if eps_now > eps:
                     break  # eps-scaling: one iteration per level, each level warm-starts the next
                 iters += 1
-                converged = bool(err.max() < tol)
+                done |= err < tol
+                if not symmetric:
+                    omega[(err > 2 * best) | ~torch.isfinite(err)] = 1.0
+                    best = torch.minimum(best, err)
+                converged = bool(done.all())
                 if converged or max(p.abs().max(), q.abs().max()) > 30:
                     break  # done, or re-absorb before exp(p), exp(q) can overflow
             f, g = f + eps_now * p, g + eps_now * q
             # eps-scaling: start at the cost's spread, where one iteration gives the right potentials, and shrink
             eps_now = max(eps_now * scaling, eps)
         if not converged:
-            warnings.warn(f"sinkhorn: marginal error {err.max().item():.1e} > tol={tol} after {max_iter} iterations")
+            worst = err.masked_fill(done, 0).max().item()
+            warnings.warn(f"sinkhorn: marginal error {worst:.1e} > tol={tol} after {max_iter} iterations")
     # One last Sinkhorn step with autograd on. At the fixed point, d<a,f>/dC = pi and g does not move to first
     # order, so backprop through this single step gives the envelope gradient; no need to unroll the loop.
     C1 = (C - r[:, :, None]).sub_(s[:, None, :])

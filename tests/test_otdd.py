@@ -197,3 +197,16 @@ def test_cuda_matches_cpu():
     cpu = otdd.otdd(x_s.float(), y_s, x_t)
     gpu = otdd.otdd(x_s.float().cuda(), y_s.cuda(), x_t.cuda())
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4)
+
+
+def test_overrelaxation_falls_back_instead_of_diverging():
+    # w = 1.99 oscillates with growing amplitude on these problems (without the fallback every value is NaN); each
+    # problem must still end at the converged value, as plain Sinkhorn (w = 1) in float64 gives it
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 40, 8, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
+    y = torch.randn(4, 30, 8, generator=g) * 2 + 1
+    a, b = torch.full((4, 40), 1 / 40), torch.full((4, 30), 1 / 30)
+    C = otdd.half_sq_dist(x, y)
+    value = otdd.sinkhorn(C, a, b, eps=0.1, tol=1e-3, overrelax=1.99)
+    ref = otdd.sinkhorn(C.double(), a.double(), b.double(), eps=0.1, tol=1e-6, overrelax=1.0, max_iter=50000)
+    torch.testing.assert_close(value.double(), ref, rtol=1e-4, atol=0)
