@@ -195,7 +195,7 @@ def bench_pare(args):
     source = data.load_source(data.default_source(model.body), model.body)
     margs = pare.get_args(["--task", "digits", "--body", args.body, "--epochs", "100", "--gumbel_epochs", "1"])
     k0, k_end = pare.resolve(margs, task, model.embedder.num_tokens,
-                             pare.embed_source(model.body, source.tensors[0][:1], device).shape[1])
+                             data.embed_source(model.body, source.tensors[0][:1]).shape[1])
     pare.attach_pare_modules(model, int(source.tensors[1].max()) + 1).to(device)
     compute = pare.make_compute(task, pare.SourceBatches(source, 32, 0), margs, k0, k_end, device)
     optimizer = common.make_optimizer(model.parameters(), "adamw", 1e-5)

@@ -214,11 +214,6 @@ class SourceBatches:
         return self.x[rows], self.y[rows]  # the last batch of a pass may be short: that step is not mixed
 
 
-def embed_source(body, x, device):
-    """Source tokens (B, T, D) on `device` through the body's pretrained (frozen) input embedding."""
-    return data.embed_source(body, x).to(device)
-
-
 # ---- the training step ---------------------------------------------------------------------------------------
 def make_compute(task, sources, args, k0, k_end, device):
     """The common.fit hook compute(model, x, y, epoch) -> (loss, logs) of one PaRe step. `model` carries the extra
@@ -242,7 +237,7 @@ def make_compute(task, sources, args, k0, k_end, device):
             return loss, dict(k=float(k), lam=lam)  # no loss_tar / loss_src in the log: an unmixed step
         # METHOD: intermediate modality: bottom-k target tokens <- top-k source tokens; phase A (Gumbel + straight-
         # through, gate trained) for the first gumbel_epochs epochs, then hard top-k
-        mixed, _, _ = replace_patches(tokens, embed_source(model.body, x_src, device), model.gate, k, args.tau,
+        mixed, _, _ = replace_patches(tokens, data.embed_source(model.body, x_src), model.gate, k, args.tau,
                                       gumbel=epoch < args.gumbel_epochs)
         # METHOD: the mixed tokens go through the same body (forward_mid); target head -> target label, source
         # head on the pooled features -> source label
@@ -289,7 +284,7 @@ if __name__ == "__main__":
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)
         # the source may be shorter than the target (32 text tokens vs N patches): k <= min(N, T)
         num_tokens = model.embedder.num_tokens
-        source_tokens = embed_source(model.body, source_set.tensors[0][:1], device).shape[1]
+        source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
         k0, k_end = resolve(args, task, num_tokens, source_tokens)
         num_source_classes = int(source_set.tensors[1].max()) + 1
         attach_pare_modules(model, num_source_classes).to(device)

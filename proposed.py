@@ -266,11 +266,6 @@ class SourceBatches:
         return self.x[rows], self.y[rows]
 
 
-def embed_source(body, x, device):
-    """Source tokens (B, T, D) on `device` through the body's frozen pretrained input embedding."""
-    return data.embed_source(body, x).to(device)
-
-
 def make_compute(task, sources, args, k0, k_end, device):
     """The common.fit hook of stage 2 (adapted from pare.py:make_compute): plain task loss + w [(1 - lam) L_tar(mix)
     + lam L_src(mix)], lam = k / N, k(e) = int(k0 - (k0 - k_end) e / E). model.scorer / model.source_head are
@@ -289,7 +284,7 @@ def make_compute(task, sources, args, k0, k_end, device):
         if k == 0 or len(x_src) != len(x):  # PaRe skips mixing when the source batch is short
             return loss, dict(k=float(k), lam=lam)
         # METHOD: intermediate modality: bottom-k target patches <- top-k source patches, chosen by the scorer
-        mixed = replace_patches(tokens, embed_source(model.body, x_src, device), model.scorer, k, args.gumbel_tau,
+        mixed = replace_patches(tokens, data.embed_source(model.body, x_src), model.scorer, k, args.gumbel_tau,
                                 gumbel=epoch < args.gumbel_epochs)
         features = model.body(mixed)  # (B, N', D')
         loss_tar = common.task_loss(task, model.head(features), y)
@@ -433,7 +428,7 @@ if __name__ == "__main__":
     else:
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)
         num_tokens = model.embedder.num_tokens
-        source_tokens = embed_source(model.body, source_set.tensors[0][:1], device).shape[1]
+        source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
         k0, k_end = resolve_k(args, task, num_tokens, source_tokens)
         # METHOD: the patch scorer (self-attention, or PaRe's gate) and the source head, as submodules
         dim = model.body.dim
