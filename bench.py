@@ -245,7 +245,8 @@ def bench_mona(args):
     """One MoNA stage-1 meta step (virtual update with create_graph, source batch through the virtually updated body,
     second-order embedder update) over one plain fine-tuning step (fwd + bwd + AdamW on all weights): same body
     (--body), same target batch, same machine, interleaved round by round; on gunpoint and digits with their default
-    batch and token counts. The source batch (as many samples as the target batch) is what the meta step adds."""
+    batch and token counts. The source batch is mona.py's default (--batch_size samples, cut to the target batch's
+    token count); the same meta step with a full --batch_size of source samples and --first_order are timed beside."""
     import common
     import data
     import mona  # bench.py may import method files; method files never import each other
@@ -259,8 +260,9 @@ def bench_mona(args):
         model = common.build_model(task, args.body, True, margs.target_seq_len).to(device).train()
         source = data.load_source(data.default_source(model.body), model.body)
         x, y = (t.to(device) for t in data.take(task.train, range(margs.batch_size)))
-        src_x, src_y = (t[:margs.source_batch_size].to(device) for t in source.tensors)
+        src_x, src_y = (t[:margs.batch_size].to(device) for t in source.tensors)
         src_tokens = data.embed_source(model.body, src_x)
+        n = mona.source_batch_size(margs, model.embedder.num_tokens, src_tokens.shape[1])  # as mona.py resolves it
         plain_opt = common.make_optimizer(model.parameters(), "adamw", 1e-5)
         meta_opt = common.make_optimizer(model.embedder.parameters(), "adamw", 1e-5)
 
@@ -269,42 +271,42 @@ def bench_mona(args):
             plain_opt.step()
             plain_opt.zero_grad(set_to_none=True)
 
-        # the same meta step with a source batch cut to about the target batch's token count (at least 2 samples)
-        n_eq = max(2, round(x.shape[0] * model.embedder.num_tokens / src_tokens.shape[1]))
-
-        def meta(first_order, n=None):
+        def meta(first_order, n_src):
             margs.first_order = first_order
-            mona.meta_step(model, meta_opt, task, x, y, src_tokens[:n], src_y[:n], margs)
+            mona.meta_step(model, meta_opt, task, x, y, src_tokens[:n_src], src_y[:n_src], margs)
 
-        steps = {"plain": plain, "meta": lambda: meta(False), "first_order": lambda: meta(True),
-                 "equal_tokens": lambda: meta(False, n_eq)}
+        steps = {"plain": plain, "meta": lambda: meta(False, n), "first_order": lambda: meta(True, n),
+                 "full_source": lambda: meta(False, margs.batch_size)}
         times = {k: [] for k in steps}
-        for r in range(1 + 2 * args.repeats):  # round 0 is a warm-up
+        for r in range(1 + 5 * args.repeats):  # round 0 is a warm-up; a plain step varies by 15 % run to run
             for k, step in steps.items():
                 seconds, _ = timed(step, 1, device)
                 if r > 0:
                     times[k].append(seconds)
         ms = {k: 1000 * statistics.median(t) for k, t in times.items()}
-        rows[name] = dict(tokens=x.shape[0] * model.embedder.num_tokens,
-                          source_tokens=src_tokens.shape[0] * src_tokens.shape[1],
+        rows[name] = dict(tokens=x.shape[0] * model.embedder.num_tokens, source_batch=n,
+                          source_tokens=n * src_tokens.shape[1],
                           ms_plain=ms["plain"], ms_meta=ms["meta"], ms_first_order=ms["first_order"],
                           ratio_meta_step=ms["meta"] / ms["plain"], ratio_first_order=ms["first_order"] / ms["plain"],
-                          equal_source_tokens=n_eq * src_tokens.shape[1], ms_equal_tokens=ms["equal_tokens"],
-                          ratio_equal_tokens=ms["equal_tokens"] / ms["plain"])
-    print(f"device {device}, torch threads {torch.get_num_threads()}; body {args.body}; median of {2 * args.repeats} "
-          f"interleaved steps; tokens per batch target / source")
-    print(f"{'task':<10}{'tokens':>12}{'plain ms':>10}{'meta ms':>10}{'x plain':>9}{'1st-order ms':>14}{'x plain':>9}"
-          f"{'source tokens':>15}{'meta ms':>9}{'x plain':>9}")
+                          full_source_batch=margs.batch_size, full_source_tokens=margs.batch_size * src_tokens.shape[1],
+                          ms_full_source=ms["full_source"], ratio_full_source=ms["full_source"] / ms["plain"])
+    print(f"device {device}, torch threads {torch.get_num_threads()}; body {args.body}; median of {5 * args.repeats} "
+          f"interleaved steps; tokens per batch target / source (source samples)")
+    print(f"{'task':<10}{'tokens':>15}{'plain ms':>10}{'meta ms':>9}{'x plain':>9}{'1st-order ms':>14}{'x plain':>9}"
+          f"{'full source':>16}{'meta ms':>9}{'x plain':>9}")
     for name, r in rows.items():
-        print(f"{name:<10}{r['tokens']:>6}/{r['source_tokens']:<5}{r['ms_plain']:>10.0f}{r['ms_meta']:>10.0f}"
-              f"{r['ratio_meta_step']:>9.2f}{r['ms_first_order']:>14.0f}{r['ratio_first_order']:>9.2f}"
-              f"{r['equal_source_tokens']:>15}{r['ms_equal_tokens']:>9.0f}{r['ratio_equal_tokens']:>9.2f}")
+        default = f"{r['tokens']}/{r['source_tokens']} ({r['source_batch']})"
+        full = f"{r['full_source_tokens']} ({r['full_source_batch']})"
+        print(f"{name:<10}{default:>15}{r['ms_plain']:>10.0f}{r['ms_meta']:>9.0f}{r['ratio_meta_step']:>9.2f}"
+              f"{r['ms_first_order']:>14.0f}{r['ratio_first_order']:>9.2f}{full:>16}{r['ms_full_source']:>9.0f}"
+              f"{r['ratio_full_source']:>9.2f}")
     print("The meta step runs the target batch forward, backward with create_graph, and backward again (second order),"
-          "\nplus the source batch forward and backward: with as many source as target tokens that is about 10 forward"
-          "\npasses against plain's 3; the default source batch has more tokens than the target batch (32-token text).")
+          "\nplus the source batch forward and backward: with as many source as target tokens (the default) that is"
+          "\nabout 10 forward passes against plain's 3. 'full source': --source_batch_size = --batch_size, whose"
+          "\n32-token sentences have twice the tokens of these targets.")
     summary = dict(section="mona", device=str(device), threads=torch.get_num_threads(), body=args.body,
                    ratio_meta_step=max(r["ratio_meta_step"] for r in rows.values()),
-                   ratio_equal_tokens=max(r["ratio_equal_tokens"] for r in rows.values()), goal=3.5, tasks=rows)
+                   ratio_full_source=max(r["ratio_full_source"] for r in rows.values()), goal=3.5, tasks=rows)
     print("BENCH " + json.dumps(summary))
 
 

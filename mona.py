@@ -82,7 +82,8 @@ def get_args(argv=None):
                    help="detach grad L_inner in theta*: removes the L_outer gradient (ablation)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="L2-normalise source features before L_align / L_uniform (Wang & Isola)")
-    g.add_argument("--source_batch_size", type=int, default=-1, help="source samples per meta step (-1 = --batch_size)")
+    g.add_argument("--source_batch_size", type=int, default=-1,
+                   help="source samples per meta step; -1 = --batch_size, cut to the target batch's token count")
     g.add_argument("--embedder_ckpt", default=None, help="PATH to an embedder.pt from an earlier run: skip stage 1")
     g = parser.add_argument_group("diagnostic")
     g.add_argument("--distortion", action="store_true",
@@ -95,10 +96,21 @@ def get_args(argv=None):
     if args.inner_steps < 1 or args.meta_epochs < 0 or args.outer_weight < 0:
         raise common.UserError("--inner_steps must be >= 1, --meta_epochs >= 0 and --outer_weight >= 0")
     args.outer_lr = 10 * args.lr if args.outer_lr < 0 else args.outer_lr
-    args.source_batch_size = args.batch_size if args.source_batch_size < 0 else args.source_batch_size
-    if args.source_batch_size < 2:
-        raise common.UserError("--source_batch_size must be >= 2: L_uniform needs pairs of source samples")
+    if 0 <= args.source_batch_size < 2:
+        raise common.UserError("--source_batch_size must be >= 2 (L_uniform needs pairs of source samples), or -1")
     return args
+
+
+def source_batch_size(args, target_tokens, source_tokens):
+    """--source_batch_size, with -1 resolved: --batch_size source samples, but no more tokens than the target batch.
+    The paper gives no source batch size. With NAS-Bench-360 shapes the cut never binds (32-token CoNLL sentences
+    against 32-500 target tokens for RoBERTa; CIFAR-10 and target images at the same resolution for Swin); on the
+    offline CPU tasks (15-16 target tokens against 32-token sentences) it halves the source batch (GunPoint 20 -> 9,
+    digits 32 -> 16). The source forward and backward then cost no more than the target's, so a meta step stays a
+    fixed multiple of a plain step (bench.py mona) whatever the sequence lengths."""
+    if args.source_batch_size > 0:
+        return args.source_batch_size
+    return max(2, min(args.batch_size, args.batch_size * target_tokens // source_tokens))
 
 
 # ---- the outer loss (Wang & Isola 2020) ----------------------------------------------------------------------
@@ -270,6 +282,8 @@ if __name__ == "__main__":
     if meta_steps > 0 or args.distortion:  # the probe needs source data even for plain fine-tuning
         source_set = data.load_source(data.default_source(model.body, args.data_dir) if source == "none" else source,
                                       model.body, args.data_dir)
+        source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
+        args.source_batch_size = source_batch_size(args, model.embedder.num_tokens, source_tokens)
         if len(source_set) < args.source_batch_size:
             raise common.UserError(f"source has {len(source_set)} samples, fewer than --source_batch_size "
                                    f"{args.source_batch_size}; lower it")
@@ -283,14 +297,16 @@ if __name__ == "__main__":
 
     # stage 1 (METHOD: meta-learned target embedder, Algorithm 1) -> embedder.pt
     emb_path = run.dir / "embedder.pt"
-    stage1 = dict(source=source, meta_steps=meta_steps)  # saved with the embedder, so a reused one is described
+    # saved with the embedder, so a reused one is described
+    stage1 = dict(source=source, meta_steps=meta_steps, source_batch_size=args.source_batch_size if meta_steps else 0)
     if args.embedder_ckpt or (args.resume and emb_path.exists()):
         state = common.load_embedder(model, args.embedder_ckpt or emb_path, "mona.py")
         stage1 = {k: v for k, v in state.items() if k != "embedder"}
         print(f"stage 1 skipped: embedder loaded from {args.embedder_ckpt or emb_path}")
     elif meta_steps > 0:
         t0 = time.time()
-        print(f"stage 1: {meta_steps} meta steps, source {source} ({len(source_set)} samples), theta = "
+        print(f"stage 1: {meta_steps} meta steps, source {source} ({len(source_set)} samples, "
+              f"{args.source_batch_size} per step), theta = "
               f"{args.inner_params} ({sum(p.numel() for p in target_params(model, args.inner_params).values()):,} "
               f"params), {'first' if args.first_order else 'second'} order, alpha {args.inner_lr:g}, "
               f"beta {args.outer_lr:g}, lambda {args.outer_weight:g}")

@@ -112,10 +112,23 @@ def test_outer_gradient_flows_only_through_the_virtual_update(setup):
     assert outer_grad_norm(first_order=False) == 0.0
 
 
+def test_default_source_batch_has_at_most_the_target_batch_tokens():
+    args = mona.get_args(["--task", "gunpoint", "--body", "tiny"])  # batch 20
+    assert args.source_batch_size == -1
+    assert mona.source_batch_size(args, 15, 32) == 9  # 20 x 15 target tokens hold 9 sentences of 32 tokens
+    assert mona.source_batch_size(args, 64, 32) == 20  # never more samples than --batch_size
+    assert mona.source_batch_size(args, 1, 512) == 2  # L_uniform needs a pair
+    args.source_batch_size = 5  # an explicit value wins
+    assert mona.source_batch_size(args, 15, 32) == 5
+    with pytest.raises(common.UserError, match="--source_batch_size"):
+        mona.get_args(["--task", "gunpoint", "--source_batch_size", "1"])
+
+
 def test_smoke_run(run, tmp_path):
     proc, final = run("mona.py", "--task", "synthetic", "--body", "tiny", "--epochs", "1", "--meta_steps", "2",
                       "--distortion", "--probe_samples", "100", "--log_interval", "1")
     assert final["method"] == "mona" and final["meta_steps"] == 2 and 0 <= final["test_score"] <= 1
+    assert 2 <= final["source_batch_size"] <= 16  # resolved from -1, recorded
     assert final["distortion"] == pytest.approx(final["probe_before"] - final["probe_after"])
     assert "meta step 2/2" in proc.stdout
     out = tmp_path / "out"
