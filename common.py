@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -23,20 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ---- clear failures ------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """Bad input from the user: printed as one line (`error: ...`) with no traceback."""
-
-
-def _excepthook(kind, value, tb):
-    if issubclass(kind, UserError):
-        print(f"error: {value}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, value, tb)
-
-
-sys.excepthook = _excepthook  # every script that imports common gets one-line errors for UserError
+import data
+from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -79,7 +66,6 @@ def parse_args(parser, argv=None, method_defaults=None):
     """Parse twice: first --task, then re-parse with that task's official defaults, so explicit flags win.
 
     method_defaults: {task: {flag: value}} for a method's own per-task configs (e.g. PaRe's *_PaRe.yaml)."""
-    import data  # local import: data.py imports this module
     known, _ = parser.parse_known_args(argv)
     defaults = dict(data.task_defaults(known.task))
     defaults.update((method_defaults or {}).get(known.task, {}))

@@ -220,39 +220,56 @@ class AttentionScorer(nn.Module):
         return attention.mean(1).clamp_min(1e-12).log()  # (B, L): attention received by each patch
 
 
+# Copied from pare.select
 def select(scores, k, tau=0.9, gumbel=True, largest=True):
-    """Adapted from pare.py:select (same logic): top / bottom k per row -> idx (B, k) ascending, mask (B, N) exactly 0/1
-    forward. gumbel: Gumbel top-k, straight-through sigmoid relaxation (scorer trained); else hard (no gradient)."""
-    logits = (scores - torch.empty_like(scores).exponential_().log()) / tau if gumbel else scores.detach()  # Gumbel
-    logits = logits if largest else -logits
+    """Pick k of the N tokens of each row by score (see pare.select): idx (B, k) ascending, mask (B, N) exactly
+    0/1 forward; gumbel=True: Gumbel top-k with a straight-through sigmoid relaxation (the scorer is trained)."""
+    if gumbel:
+        noise = -torch.empty_like(scores).exponential_().log()  # Gumbel(0, 1): -log(Exp(1))
+        logits = (scores + noise) / tau
+    else:
+        logits = scores.detach()
+    if not largest:
+        logits = -logits  # the bottom k of the scores are the top k of their negation
     N = logits.shape[1]
-    top = logits.topk(min(k + 1, N), dim=1)
-    idx = top.indices[:, :k].sort(dim=1).values
+    # one topk of k + 1 gives both the picked positions and the threshold for the relaxation below
+    top = logits.topk(min(k + 1, N), dim=1)  # values sorted descending
+    idx = top.indices[:, :k].sort(dim=1).values  # ascending positions: j-th source -> j-th replaced target (official)
     hard = torch.zeros_like(logits).scatter(1, idx, 1.0)
     if not gumbel:
         return idx, hard
+    # soft k-hot: sigmoid of the distance to the midpoint between the k-th and (k+1)-th perturbed scores, so tokens
+    # near the cut get the largest gradient (the role of the official summed softmaxes); the threshold is detached
     kth = top.values[:, k - 1:k]
-    below = top.values[:, k:k + 1] if k < N else kth - 1
+    below = top.values[:, k:k + 1] if k < N else kth - 1  # (B, 1); k = N: everything is picked
     soft = torch.sigmoid(logits - ((kth + below) / 2).detach())
     return idx, hard + (soft - soft.detach())
 
 
+# Copied from pare.replace_patches with gate->scorer
 def replace_patches(target, source, scorer, k, tau=0.9, gumbel=True):
-    """Adapted from pare.py:replace_patches (a scorer for the gate): bottom-k target tokens <- top-k source tokens,
-    vectorised with gather / scatter, out of place. target (B, N, D), source (B, T, D) -> mixed (B, N, D)."""
+    """METHOD (PaRe's step, with the attention scorer of the proposed method in place of PaRe's gate): the k
+    lowest-scoring target tokens <- the k highest-scoring source tokens. target (B, N, D), source (B, T, D) -> mixed
+    (B, N, D), replaced (B, k), taken (B, k). See pare.replace_patches for the details."""
     B, N, D = target.shape
-    source = source.to(target.dtype)
-    with torch.set_grad_enabled(gumbel and torch.is_grad_enabled()):
+    source = source.to(target.dtype)  # source tokens come from the frozen embedding in float32; autocast may differ
+    # the scorer scores both sides (one shared GatingNetwork, model.scorer(x_src_flat) / model.scorer(x_flat))
+    with torch.set_grad_enabled(gumbel and torch.is_grad_enabled()):  # phase B: the scorer is not trained
         taken, take_mask = select(scorer(source), k, tau, gumbel, largest=True)  # (B, k), (B, T)
         replaced, replace_mask = select(scorer(target), k, tau, gumbel, largest=False)  # (B, k), (B, N)
-    kept = target * (1 - replace_mask).unsqueeze(-1).to(target.dtype)
+    # official: T * m_t, then rows where m_t = 0 <- rows of S * m_s where m_s = 1; here gather / scatter on indices
+    kept = target * (1 - replace_mask).unsqueeze(-1).to(target.dtype)  # (B, N, D), exact copy of kept tokens
     picked = (source * take_mask.unsqueeze(-1).to(target.dtype)).gather(1, taken.unsqueeze(-1).expand(B, k, D))
-    return kept.scatter(1, replaced.unsqueeze(-1).expand(B, k, D), picked)
+    # out-of-place scatter: a new tensor, never a write into `target` (the official 1D phase B writes in place into
+    # the tensor the plain forward already used, which fails in backward)
+    mixed = kept.scatter(1, replaced.unsqueeze(-1).expand(B, k, D), picked)  # (B, N, D)
+    return mixed, replaced, taken
 
 
+# Copied from pare.SourceBatches
 class SourceBatches:
-    """Adapted from pare.py:SourceBatches: the source batch of the i-th target batch of an epoch is a pure function
-    of (seed, epoch, i) -- a fresh shuffled pass per epoch, restarted when it runs out -- so --resume is exact."""
+    """The source batch of the i-th target batch of an epoch is a pure function of (seed, epoch, i) -- a fresh
+    shuffled pass per epoch, restarted when it runs out -- so --resume is exact (see pare.SourceBatches)."""
 
     def __init__(self, dataset, batch_size, seed):
         self.x, self.y = dataset.tensors
@@ -263,7 +280,7 @@ class SourceBatches:
         repeat, j = divmod(i, self.per_pass)
         g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 10_007 + repeat)
         rows = torch.randperm(len(self.y), generator=g)[j * self.batch_size:(j + 1) * self.batch_size]
-        return self.x[rows], self.y[rows]
+        return self.x[rows], self.y[rows]  # the last batch of a pass may be short: that step is not mixed
 
 
 def make_compute(task, sources, args, k0, k_end, device):
@@ -284,8 +301,8 @@ def make_compute(task, sources, args, k0, k_end, device):
         if k == 0 or len(x_src) != len(x):  # PaRe skips mixing when the source batch is short
             return loss, dict(k=float(k), lam=lam)
         # METHOD: intermediate modality: bottom-k target patches <- top-k source patches, chosen by the scorer
-        mixed = replace_patches(tokens, data.embed_source(model.body, x_src), model.scorer, k, args.gumbel_tau,
-                                gumbel=epoch < args.gumbel_epochs)
+        mixed, _, _ = replace_patches(tokens, data.embed_source(model.body, x_src), model.scorer, k,
+                                      args.gumbel_tau, gumbel=epoch < args.gumbel_epochs)
         features = model.body(mixed)  # (B, N', D')
         loss_tar = common.task_loss(task, model.head(features), y)
         loss_src = F.cross_entropy(model.source_head(features).float(), y_src.to(device))

@@ -19,6 +19,7 @@ import torch
 
 import common
 import data
+import official_data
 from common import UserError
 from conftest import ROOT, run_script
 
@@ -36,12 +37,12 @@ def test_fetch_checks_checksum_and_leaves_no_partial_file(tmp_path):
     url = (tmp_path / "remote.bin").as_uri()
     good = "md5:" + hashlib.md5(payload).hexdigest()
     with pytest.raises(UserError) as e:  # wrong checksum: error, and neither the file nor a .part remains
-        data.fetch("t", tmp_path / "d", "sub/file.bin", url, "md5:" + "0" * 32)
+        official_data.fetch("t", tmp_path / "d", "sub/file.bin", url, "md5:" + "0" * 32)
     assert "checksum" in one_line(e) and not list((tmp_path / "d").rglob("file.bin*"))
-    path = data.fetch("t", tmp_path / "d", "sub/file.bin", url, good)
+    path = official_data.fetch("t", tmp_path / "d", "sub/file.bin", url, good)
     assert path.read_bytes() == payload and not list((tmp_path / "d").rglob("*.part"))
     sha = "sha256:" + hashlib.sha256(payload).hexdigest()
-    assert data.fetch("t", tmp_path / "d", "copy.bin", url, sha).read_bytes() == payload
+    assert official_data.fetch("t", tmp_path / "d", "copy.bin", url, sha).read_bytes() == payload
 
 
 class FakeResponse:
@@ -65,15 +66,15 @@ class FakeResponse:
 
 @pytest.mark.parametrize("fail", [None, KeyboardInterrupt()])
 def test_truncated_or_interrupted_download_leaves_nothing(tmp_path, monkeypatch, fail):
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(fail))
+    monkeypatch.setattr(official_data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(fail))
     with pytest.raises(KeyboardInterrupt if fail else UserError) as e:
-        data.fetch("t", tmp_path, "f.bin", "http://example.invalid/f.bin")
+        official_data.fetch("t", tmp_path, "f.bin", "http://example.invalid/f.bin")
     assert fail or "truncated: 50 of 100 bytes" in one_line(e)
     assert not list(tmp_path.rglob("f.bin*"))
 
 
 def test_missing_file_fails_fast_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "S3", "http://127.0.0.1:9/")  # nothing listens there: the download is refused at once
+    monkeypatch.setattr(official_data, "S3", "http://127.0.0.1:9/")  # nothing listens there: the download is refused at once
     t0 = time.time()
     with pytest.raises(UserError) as e:
         data.get_task("ecg", tmp_path)
@@ -139,7 +140,7 @@ def test_ecg_windows_strides_split_and_zscore(tmp_path):
     got = torch.cat([task.train.tensors[0], task.val.tensors[0]])[:, 0].numpy()
     assert len(got) == len(x_all) and np.allclose(np.sort(got.sum(1)), np.sort(x_all.sum(1)), atol=1e-3)
     assert len(task.val) > 0 and len(task.train) > 0  # validation records: 10 % per class, at least one each
-    assert isinstance(task.train.x, data.Windows)  # windows are views into one signal, not copies
+    assert isinstance(task.train.x, official_data.Windows)  # windows are views into one signal, not copies
 
 
 def test_satellite_pickled_dicts(tmp_path):
@@ -318,13 +319,13 @@ def test_psicov_download_and_unzip_through_s3(tmp_path, monkeypatch):
     with zipfile.ZipFile(remote / "protein.zip", "w") as z:  # an archive with a top-level protein/ folder
         for p in (remote / "protein").rglob("*"):
             z.write(p, p.relative_to(remote))
-    monkeypatch.setattr(data, "S3", remote.as_uri() + "/")
+    monkeypatch.setattr(official_data, "S3", remote.as_uri() + "/")
     task = data.get_task("psicov", tmp_path / "d")
     assert (tmp_path / "d" / "protein.zip").exists() and len(task.test) == 1 and task.test[0][0].shape == (57, 512, 512)
     assert not list((tmp_path / "d").rglob(".unpack_*"))
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(UserError) as e:
-        data.unpack("psicov", tmp_path / "bad.zip", tmp_path / "out")
+        official_data.unpack("psicov", tmp_path / "bad.zip", tmp_path / "out")
     assert "cannot extract" in one_line(e) and not list((tmp_path / "out").glob(".unpack_*"))
 
 

@@ -120,7 +120,7 @@ def test_attention_scorer_gives_one_score_per_patch():
         assert torch.allclose(scores[b].exp(), A.mean(0), atol=1e-6)
     # hard selection replaces exactly the k lowest-scoring target patches
     source = torch.randn(3, 6, 8)
-    mixed = proposed.replace_patches(tokens, source, scorer, 4, gumbel=False)
+    mixed, _, _ = proposed.replace_patches(tokens, source, scorer, 4, gumbel=False)
     for b in range(3):
         changed = {i for i in range(11) if not torch.equal(mixed[b, i], tokens[b, i])}
         assert changed == set(scores[b].argsort()[:4].tolist())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import official_data
 import ups
 
 MIX = [  # (spec, batch): 1D and 2D, one or two channels, native grids coarser than the unified one
@@ -135,9 +136,9 @@ def test_pdebench_files_are_read_as_trajectories(tmp_path):
     import data
     if not hasattr(data, "pde_trajectories"):
         pytest.skip("data.py has no PDEBench trajectory reader (pde_trajectories) yet")
-    with h5py.File(tmp_path / data.PDE_FILES["pde_advection"][0], "w") as f:  # PDEBench 1D layout (N, T, X)
+    with h5py.File(tmp_path / official_data.PDE_FILES["pde_advection"][0], "w") as f:  # PDEBench 1D layout (N, T, X)
         f["tensor"] = np.arange(40 * 21 * 64, dtype=np.float32).reshape(40, 21, 64)
-    with h5py.File(tmp_path / data.PDE_FILES["pde_diffusion_reaction_2d"][0], "w") as f:  # groups: data (T, X, Y, V)
+    with h5py.File(tmp_path / official_data.PDE_FILES["pde_diffusion_reaction_2d"][0], "w") as f:  # groups: data (T, X, Y, V)
         for i in range(20):
             f[f"{i:04d}/data"] = np.full((21, 64, 64, 2), i, dtype=np.float32)
     a = ups.family_trajectories("pde_advection", "test", 9, tmp_path)
