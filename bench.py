@@ -7,6 +7,9 @@ Sections (the BENCHES dict at the bottom):
          same body (--body), same batch.
   mona   one MoNA stage-1 meta step (second-order virtual update + source pass) over one plain fine-tuning step,
          same body (--body), same target batch, on gunpoint and digits; ratio_meta_step is the larger ratio.
+  suite  the development suite (data.SUITE: real data sets that installed packages ship): a method script with
+         default flags over every set and seed, next to 1-NN (Euclidean, scikit-learn) and plain fine-tuning:
+         python bench.py suite --method orca --seeds 0 1 2 [--jobs 2] [--args "--finetune norms"]
 
 Each section prints a table and, as its last line, `BENCH {json}` with its figures, all measured side by side in
 one run on the same machine and data.
@@ -310,9 +313,92 @@ def bench_mona(args):
     print("BENCH " + json.dumps(summary))
 
 
+# ---- suite --------------------------------------------------------------------------------------------------------
+
+def knn_error(task):
+    """Test error of a 1-nearest-neighbour classifier, Euclidean distance on the flattened raw inputs (scikit-learn),
+    fitted on every labelled training sample (the train and validation splits)."""
+    from sklearn.neighbors import KNeighborsClassifier
+    xs, ys = zip(*[task.train.tensors] + ([task.val.tensors] if len(task.val) else []))
+    x, y = torch.cat(xs).flatten(1).numpy(), torch.cat(ys).numpy()
+    x_test, y_test = (t.numpy() for t in task.test.tensors)
+    return float((KNeighborsClassifier(1).fit(x, y).predict(x_test.reshape(len(x_test), -1)) != y_test).mean())
+
+
+def suite_run(script, task, seed, extra, root, threads):
+    """One run of `script` on a suite task (its default flags + extra), in root/...; reused when a finished run with
+    the same command line is there already. Returns its FINAL dict."""
+    import os
+    import pathlib
+    import shlex
+    import subprocess
+    import sys
+    tag = ("_" + "".join(c if c.isalnum() else "-" for c in " ".join(extra)).strip("-")) if extra else ""
+    out = pathlib.Path(root) / f"{script.removesuffix('.py')}{tag}_{task}_s{seed}"
+    argv = [script, "--task", task, "--seed", str(seed), "--out_dir", str(out), *extra]
+    done = out / "results.json"
+    if done.exists() and (out / "argv.json").exists() and json.loads((out / "argv.json").read_text()) == argv:
+        return json.loads(done.read_text())
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"suite run failed: {shlex.join(argv)}\n{proc.stderr[-2000:]}")
+    (out / "argv.json").write_text(json.dumps(argv))
+    return json.loads(done.read_text())
+
+
+def bench_suite(args):
+    """Every set of data.SUITE x every seed: the method with its default flags (+ --args), plain fine-tuning
+    (finetune.py + --plain_args) and 1-NN. Runs go to --root and are reused when repeated with the same flags."""
+    import shlex
+    from concurrent.futures import ThreadPoolExecutor
+    import common
+    import data
+    sets, skipped = [], []
+    for name in args.sets or data.SUITE:
+        try:
+            sets.append((name, data.get_task(name, args.data_dir)))
+        except common.UserError as e:
+            skipped.append(name)
+            print(f"skipped {name}: {e}")
+    extra, plain_extra = shlex.split(args.args), shlex.split(args.plain_args)
+    scripts = [(f"{args.method}.py", extra)] + ([("finetune.py", plain_extra)] if args.method != "finetune" else [])
+    jobs = [(s, e, name, seed) for name, _ in sets for seed in args.seeds for s, e in scripts]
+    threads = max(1, args.threads // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: suite_run(j[0], j[2], j[3], j[1], args.root, threads), jobs))
+    scores = {}
+    for (script, _, name, _), r in zip(jobs, results):
+        scores.setdefault((script, name), []).append(r)
+
+    def stats(rs):
+        v = [r["test_score"] for r in rs]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return statistics.mean(v), sd, statistics.mean(r["seconds"] for r in rs)
+
+    rows = {}
+    print(f"\nsuite: {args.method} {args.args}".rstrip() + f" | seeds {args.seeds} | test error, mean ± std")
+    print(f"{'set':<21}{'classes':>8}{'chance':>8}{'1-NN':>8}{'plain':>16}{args.method:>16}{'s/run':>8}  vs 1-NN")
+    for name, task in sets:
+        chance = 1 - 1 / task.num_outputs
+        knn = knn_error(task)
+        m, sd, sec = stats(scores[(f"{args.method}.py", name)])
+        pm, psd, _ = stats(scores[("finetune.py" if args.method != "finetune" else f"{args.method}.py", name)])
+        rows[name] = dict(classes=task.num_outputs, chance=round(chance, 4), knn=round(knn, 4), plain=round(pm, 4),
+                          plain_std=round(psd, 4), method=round(m, 4), method_std=round(sd, 4), seconds=round(sec, 1),
+                          learns=m <= chance / 2, beats_knn=m < knn)
+        verdict = "beats" if m < knn else "ties" if m == knn else "loses"
+        print(f"{name:<21}{task.num_outputs:>8}{chance:>8.3f}{knn:>8.3f}{pm:>9.3f} ± {psd:.3f}{m:>9.3f} ± {sd:.3f}"
+              f"{sec:>8.0f}  {verdict}")
+    summary = dict(section="suite", method=args.method, args=args.args, seeds=args.seeds, skipped=skipped,
+                   sets=rows, beats_knn=sum(r["beats_knn"] for r in rows.values()),
+                   learns=sum(r["learns"] for r in rows.values()), threads=args.threads, jobs=args.jobs)
+    print("BENCH " + json.dumps(summary))
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
-BENCHES = {"otdd": bench_otdd, "pare": bench_pare, "mona": bench_mona}
+BENCHES = {"otdd": bench_otdd, "pare": bench_pare, "mona": bench_mona, "suite": bench_suite}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +407,15 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of the slowest variant")
     parser.add_argument("--body", default="minilm", help="pare, mona: the body both steps run (tiny, minilm, ...)")
+    g = parser.add_argument_group("suite")
+    g.add_argument("--method", default="finetune", help="finetune | orca | pare | mona | proposed")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--sets", nargs="*", default=None, help="a subset of data.SUITE (default: all)")
+    g.add_argument("--args", default="", help="extra flags of the method runs, one string")
+    g.add_argument("--plain_args", default="", help="extra flags of the plain fine-tuning runs")
+    g.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets threads / jobs CPU threads)")
+    g.add_argument("--root", default="runs/suite", help="where the runs go (finished runs are reused)")
+    g.add_argument("--data_dir", default="./datasets")
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,8 +27,16 @@ from errors import UserError  # noqa: F401 (common.UserError is what the method 
 
 
 # ---- command line --------------------------------------------------------------------------------------------
+# Flags whose default depends on the task. Benchmark tasks (NAS-Bench-360, PDEBench) and the synthetic test tasks
+# take the official config of data.TASKS and these fixed values for anything it leaves open; offline real tasks and
+# --task custom get data-aware values from `auto_defaults` (an explicit flag always wins).
+FIXED_DEFAULTS = dict(target_seq_len=512, epochs=20, batch_size=16, lr=1e-4, warmup_epochs=1, finetune="full",
+                      input_norm="none", embed_bias_std=0.0, new_lr_mult=1.0, select="best")
+
+
 def add_common_args(parser):
-    """The flags every method script shares, with the same names and meanings (style.md rule 5)."""
+    """The flags every method script shares, with the same names and meanings (style.md rule 5). Defaults of None
+    are chosen per task: the official config (benchmark tasks) or from the data (offline tasks, custom)."""
     g = parser.add_argument_group("task and model")
     g.add_argument("--task", default="gunpoint", help="task name from data.py (python data.py --list)")
     g.add_argument("--data_dir", default="./datasets", help="where data sets are downloaded / cached")
@@ -36,19 +44,36 @@ def add_common_args(parser):
     g.add_argument("--body", default="minilm", help="tiny | minilm | roberta | swin | any HF text id | timm name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-pretrained keeps the body's architecture with random weights")
-    g.add_argument("--target_seq_len", type=int, default=512, help="max tokens the embedder may produce")
+    g.add_argument("--target_seq_len", type=int, default=None,
+                   help="max tokens the embedder may produce (default: official config | from the data)")
+    g.add_argument("--input_norm", default=None, choices=["none", "channel", "instance"],
+                   help="input standardisation: per-channel with training statistics | per sample | none (official)")
+    g.add_argument("--embed_bias_std", type=float, default=None,
+                   help="std of the random initial bias of the embedder's patch conv (0 = ORCA's zero init, with "
+                        "which the LayerNorm after the patches discards each token's level and amplitude)")
+    g.add_argument("--finetune", default=None, choices=["full", "norms", "lora"],
+                   help="what the fine-tuning stage trains in the body: everything (official) | its LayerNorms only "
+                        "| LoRA adapters (peft) + LayerNorms; the embedder and head always train")
+    g.add_argument("--lora_rank", type=int, default=8, help="rank of the LoRA adapters (--finetune lora)")
     g = parser.add_argument_group("optimisation (fine-tuning)")
-    g.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs")
-    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: official | from --steps)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="fine-tuning length in optimiser steps, rounded up to whole epochs (overrides --epochs)")
+    g.add_argument("--batch_size", type=int, default=None)
     g.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (gradients summed)")
     g.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"])
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr", type=float, default=None, help="learning rate of the body")
+    g.add_argument("--new_lr_mult", type=float, default=None,
+                   help="learning rate of the new modules (embedder, head, method modules) = lr x this")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
-    g.add_argument("--warmup_epochs", type=float, default=1, help="linear LR warm-up length, in epochs")
+    g.add_argument("--warmup_epochs", type=float, default=None, help="linear LR warm-up length, in epochs")
     g.add_argument("--decay_epochs", type=float, default=-1, help="LR reaches 0 here (-1 = at --epochs)")
     g.add_argument("--clip", type=float, default=0.0, help="gradient-norm clip (0 = off)")
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1 = off)")
+    g.add_argument("--select", default=None, choices=["best", "last"],
+                   help="checkpoint tested: best on validation | last epoch (default: best, or last when the "
+                        "validation split has fewer than 50 samples and cannot rank epochs)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
@@ -57,23 +82,83 @@ def add_common_args(parser):
                    help="autocast dtype; auto = bfloat16 on CUDA when supported, else float32")
     g.add_argument("--out_dir", default=None, help="default runs/{method}_{task}_s{seed}")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    g.add_argument("--ckpt_every", type=int, default=None,
+                   help="write last.pt (resume point) every this many epochs (default: about 20 per run)")
     g.add_argument("--eval_batch_size", type=int, default=256)
     g.add_argument("--log_interval", type=int, default=10, help="optimiser steps between log lines")
     return parser
 
 
-def parse_args(parser, argv=None, method_defaults=None):
-    """Parse twice: first --task, then re-parse with that task's official defaults, so explicit flags win.
+def auto_defaults(task, body="minilm", step_budget=None):
+    """Data-aware defaults for offline real tasks and --task custom, chosen on the development suite
+    (`python bench.py suite`) and nowhere else:
+    - tokens: 1D patches of at least 8 input values (a 1-sample token keeps little more than its sign through the
+      embedder's LayerNorm) and at most 32 tokens, a CPU-friendly budget; 2D patches of at least 2x2 pixels and at
+      most 32 tokens; the patch conv's bias starts random (Embedder1D: the LayerNorm then keeps each token's level);
+    - batch: the power of two nearest N / 8, between 8 and 32, so that a small set still gets several steps an epoch;
+    - length: a fixed number of optimiser steps (a small set gets many epochs), warm-up 10 % of it;
+    - the body's LayerNorms train, its attention and feed-forward weights stay pretrained (--finetune norms), at a
+      learning rate of 1e-3 for everything that trains;
+    - inputs standardised per channel with training statistics; the checkpoint tested is the best on validation
+      only when the validation split can rank epochs (>= 50 samples), else the last."""
+    n = len(task.train)
+    C, *size = task.in_shape
+    if len(size) == 1:
+        stride = max(math.ceil(size[0] / 32), math.ceil(8 / C))
+        tokens = math.ceil(size[0] / stride)
+    else:
+        patch = next(p for p in range(2, max(size) + 2) if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= 32)
+        tokens = math.ceil(size[0] / patch) * math.ceil(size[1] / patch)
+    batch = int(min(32, max(8, 2 ** round(math.log2(max(1, n / 8))))))
+    steps = step_budget or AUTO_STEPS
+    steps_per_epoch = math.ceil(n / batch)
+    epochs = math.ceil(steps / steps_per_epoch)
+    return dict(target_seq_len=tokens, batch_size=batch, epochs=epochs, warmup_epochs=round(0.1 * epochs, 3),
+                lr=AUTO_LR, new_lr_mult=AUTO_NEW_LR_MULT, finetune=AUTO_FINETUNE, input_norm="channel",
+                embed_bias_std=AUTO_BIAS_STD,
+                select="best" if len(task.val) >= 50 else "last")
 
-    method_defaults: {task: {flag: value}} for a method's own per-task configs (e.g. PaRe's *_PaRe.yaml)."""
+
+# development suite, seed 0 (bench.py suite; docs/results.md): 300 steps; norms at 1e-3 as fast as full
+# fine-tuning at 1e-4 (GunPoint 0.30 vs 0.29) at half the step time; a random patch bias 0.12 (0.1) vs 0.30 (0)
+AUTO_STEPS, AUTO_LR, AUTO_NEW_LR_MULT, AUTO_FINETUNE, AUTO_BIAS_STD = 300, 1e-3, 1.0, "norms", 0.1
+
+
+def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
+    """Parse twice: first --task, then re-parse with that task's defaults, so explicit flags win.
+
+    method_defaults: {task: {flag: value}} for a method's own per-task configs (e.g. PaRe's *_PaRe.yaml).
+    method_auto(args, task) -> {flag: value}: the method's own data-aware defaults (stage lengths) for the tasks
+    that take data-aware defaults; applied to the flags still unset (None)."""
     known, _ = parser.parse_known_args(argv)
     defaults = dict(data.task_defaults(known.task))
     defaults.update((method_defaults or {}).get(known.task, {}))
     dests = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     args = parser.parse_args(argv)
+    chosen = {}
+    if data.TASKS[args.task].get("auto"):
+        task = data.get_task(args.task, args.data_dir, args.data_path)
+        budget = args.steps
+        if budget is None and args.epochs is not None:  # --epochs given: keep it, size the rest from the data
+            budget = args.epochs * math.ceil(len(task.train) / (args.batch_size or auto_defaults(task)["batch_size"]))
+        chosen = {k: v for k, v in auto_defaults(task, args.body, budget).items() if getattr(args, k, None) is None}
+        vars(args).update(chosen)
+        if method_auto:  # the method's own stage lengths, sized from the now complete args
+            own = {k: v for k, v in method_auto(args, task).items() if getattr(args, k, None) is None}
+            vars(args).update(own)
+            chosen.update(own)
+    for k, v in FIXED_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+            chosen[k] = v
     if args.decay_epochs < 0:
         args.decay_epochs = args.epochs
+    if args.ckpt_every is None:
+        args.ckpt_every = max(1, args.epochs // 20)
+    if chosen:
+        print("defaults for task " + args.task + ": " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    args.auto_flags = sorted(chosen)
     return args
 
 
@@ -275,23 +360,73 @@ def stack_num(length, target_seq_len):
     return next(s for s in range(1, length + 1) if length % s == 0 and length // s <= target_seq_len)
 
 
+def patch_stride(length, target_seq_len):
+    """Patch length (= stride) of the 1D embedder for `length` samples and at most `target_seq_len` tokens.
+
+    ORCA's rule (stack_num) needs a divisor of the length, so a length without a small divisor collapses (a prime
+    length gets one token). Here the official divisor is kept whenever it gives at least about half the tokens of
+    the padded rule -- so every NAS-Bench-360 / PDEBench length gets exactly the official stride -- and otherwise the
+    stride is ceil(length / target_seq_len) and the embedder zero-pads the input on the right to a multiple of it."""
+    padded = math.ceil(length / max(1, target_seq_len))
+    official = stack_num(length, target_seq_len)
+    return official if official <= 2 * padded else padded
+
+
 def _copy_norm(dst, src):
     if src is not None and src.weight.shape == dst.weight.shape:
         dst.load_state_dict(src.state_dict())
 
 
-class Embedder1D(nn.Module):
-    """(B, C, L_in) -> (B, L_in / s, D): Conv1d patches of length s, LayerNorm, + learned positions.
+class InputNorm(nn.Module):
+    """Standardisation of the raw input, before the patches. 'channel': (x - mean_c) / std_c with per-channel
+    statistics of the training split (`fit`), kept as buffers so that every checkpoint carries them and evaluation
+    and --resume reuse them; 'instance': each sample's own per-channel mean and std (instance normalisation, as in
+    "One Fits All", Zhou et al. 2023); 'none': the input as the task gives it (the official preprocessing)."""
 
-    ORCA Embeddings1D: LayerNorm comes *before* the position add; positions start from the body's table."""
-
-    def __init__(self, in_channels, length, dim, target_seq_len, body=None):
+    def __init__(self, channels, dims, mode="none"):
         super().__init__()
-        self.stride = stack_num(length, target_seq_len)
-        self.num_tokens = length // self.stride
+        if mode not in ("none", "channel", "instance"):
+            raise UserError(f"--input_norm {mode}: choose none, channel or instance")
+        self.mode = mode
+        self.register_buffer("mean", torch.zeros((1, channels) + (1,) * dims))
+        self.register_buffer("std", torch.ones((1, channels) + (1,) * dims))
+
+    @torch.no_grad()
+    def fit(self, x):
+        """Per-channel mean / std of training inputs x (N, C, ...)."""
+        x = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+        self.mean.copy_(x.mean(1).view_as(self.mean))
+        self.std.copy_(x.std(1, unbiased=False).clamp_min(1e-6).view_as(self.std))
+
+    def forward(self, x):
+        if self.mode == "channel":
+            return (x - self.mean) / self.std
+        if self.mode == "instance":
+            dims = tuple(range(2, x.ndim))
+            return (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True, unbiased=False).clamp_min(1e-6)
+        return x
+
+
+class Embedder1D(nn.Module):
+    """(B, C, L_in) -> (B, ceil(L_in / s), D): Conv1d patches of length s, LayerNorm, + learned positions.
+
+    ORCA Embeddings1D: LayerNorm comes *before* the position add; positions start from the body's table. The input
+    is standardised first (InputNorm) and zero-padded on the right to a multiple of s (patch_stride).
+
+    bias_std: ORCA initialises the conv bias at zero; then the LayerNorm of a token, LN(W x), is the same for x and
+    for any positive multiple of x, so each token keeps only the shape of its patch, not its level or amplitude (on
+    digits, a 1-pixel token keeps only its sign). A random bias b ~ N(0, bias_std^2) makes LN(W x + b) move with the
+    amplitude of x."""
+
+    def __init__(self, in_channels, length, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0):
+        super().__init__()
+        self.input_norm = InputNorm(in_channels, 1, input_norm)
+        self.stride = patch_stride(length, target_seq_len)
+        self.num_tokens = math.ceil(length / self.stride)
+        self.pad = self.num_tokens * self.stride - length
         self.conv = nn.Conv1d(in_channels, dim, self.stride, self.stride)
         nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))  # ORCA utils.conv_init
-        nn.init.zeros_(self.conv.bias)
+        nn.init.normal_(self.conv.bias, std=bias_std)  # std 0 = ORCA's zero bias
         self.norm = nn.LayerNorm(dim)
         self.pos = nn.Parameter(torch.zeros(self.num_tokens, dim))
         table = None if body is None else body.position_table
@@ -302,6 +437,9 @@ class Embedder1D(nn.Module):
             nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x):
+        x = self.input_norm(x)
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
         x = self.conv(x).transpose(1, 2)  # (B, L, D)
         return self.norm(x) + self.pos
 
@@ -311,12 +449,15 @@ class Embedder2D(nn.Module):
 
     Vision bodies (Swin): resize to the body's image size (224) and copy its pretrained 4x4 patch kernel, tiled
     over input channels (ORCA utils.embedder_init). Text bodies: the smallest patch giving <= target_seq_len
-    tokens, and learned positions started from the body's table."""
+    tokens, the image zero-padded on the bottom / right to a multiple of it, and learned positions started from the
+    body's table. The input is standardised first (InputNorm)."""
 
-    def __init__(self, in_channels, image_hw, dim, target_seq_len, body=None):
+    def __init__(self, in_channels, image_hw, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0):
         super().__init__()
+        self.input_norm = InputNorm(in_channels, 2, input_norm)
         H, W = image_hw
-        if body is not None and body.kind == "vision":
+        self.resize = body is not None and body.kind == "vision"
+        if self.resize:
             patch, self.size = body.patch_size, (body.image_size, body.image_size)
         else:
             patch = next(p for p in range(1, max(H, W) + 1) if math.ceil(H / p) * math.ceil(W / p) <= target_seq_len)
@@ -325,7 +466,7 @@ class Embedder2D(nn.Module):
         self.num_tokens = self.grid[0] * self.grid[1]
         self.conv = nn.Conv2d(in_channels, dim, patch, patch)
         nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))
-        nn.init.zeros_(self.conv.bias)
+        nn.init.normal_(self.conv.bias, std=bias_std)  # see Embedder1D; a pretrained patch conv keeps its own
         self.norm = nn.LayerNorm(dim)
         self.pos = None
         if body is not None and body.patch_conv is not None and body.patch_conv.weight.shape[0] == dim:
@@ -344,8 +485,12 @@ class Embedder2D(nn.Module):
                 nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x):
+        x = self.input_norm(x)
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            if self.resize:
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            else:
+                x = F.pad(x, (0, self.size[1] - x.shape[-1], 0, self.size[0] - x.shape[-2]))
         x = self.conv(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
         x = self.norm(x)
         return x if self.pos is None else x + self.pos
@@ -381,11 +526,12 @@ class DenseHead1D(nn.Module):
 
 class DenseHead2D(nn.Module):
     """(B, h*w, D) -> (B, C_out, H, W): 1x1 conv to r*r*C_out channels + PixelShuffle(r) (the SimMIM decoder
-    ORCA uses for Swin), then adaptive average pooling to the target size."""
+    ORCA uses for Swin), then adaptive average pooling to the target size (resized inputs), or a crop back to it
+    (crop=True: inputs zero-padded by Embedder2D)."""
 
-    def __init__(self, dim, out_channels, grid, upsample, out_hw):
+    def __init__(self, dim, out_channels, grid, upsample, out_hw, crop=False):
         super().__init__()
-        self.grid, self.out_hw = grid, tuple(out_hw)
+        self.grid, self.out_hw, self.crop = grid, tuple(out_hw), crop
         self.conv = nn.Conv2d(dim, upsample * upsample * out_channels, 1)
         self.shuffle = nn.PixelShuffle(upsample)
 
@@ -393,6 +539,8 @@ class DenseHead2D(nn.Module):
         B, N, D = features.shape
         x = features.transpose(1, 2).reshape(B, D, *self.grid)
         x = self.shuffle(self.conv(x))  # (B, C_out, h*r, w*r)
+        if self.crop:
+            return x[..., : self.out_hw[0], : self.out_hw[1]]
         return F.adaptive_avg_pool2d(x, self.out_hw)
 
 
@@ -413,27 +561,40 @@ class CrossModalModel(nn.Module):
         return self.forward_tokens(self.embed(x))
 
 
-def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, body=None):
-    """The shared substrate for a task: task-specific embedder and head around a (pre)trained body."""
+def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, body=None, input_norm="none",
+                bias_std=0.0):
+    """The shared substrate for a task: task-specific embedder and head around a (pre)trained body. input_norm
+    'channel' fits the per-channel statistics on (up to 4096) training inputs; bias_std: see Embedder1D."""
     body = body if body is not None else build_body(body_name, pretrained)
     dims = len(task.in_shape) - 1
     if dims == 1:
         if body.kind == "vision":
             raise UserError(f"body '{body_name}' is a vision body and task '{task.name}' is 1D; use a text body "
                             f"(--body minilm or roberta) for 1D tasks")
-        embedder = Embedder1D(task.in_shape[0], task.in_shape[1], body.dim, target_seq_len, body)
+        embedder = Embedder1D(task.in_shape[0], task.in_shape[1], body.dim, target_seq_len, body, input_norm, bias_std)
     else:
-        embedder = Embedder2D(task.in_shape[0], task.in_shape[1:], body.dim, target_seq_len, body)
+        embedder = Embedder2D(task.in_shape[0], task.in_shape[1:], body.dim, target_seq_len, body, input_norm,
+                              bias_std)
+    if input_norm == "channel":
+        embedder.input_norm.fit(data.take(task.train, range(min(len(task.train), 4096)))[0])
     if task.kind == "dense":
         out_channels = task.out_shape[0]
         if dims == 1:
             head = DenseHead1D(out_channels, embedder.stride, task.out_shape[-1])
         else:
             grid = body.out_grid(embedder.grid)
-            head = DenseHead2D(body.out_dim, out_channels, grid, embedder.size[0] // grid[0], task.out_shape[1:])
+            head = DenseHead2D(body.out_dim, out_channels, grid, embedder.size[0] // grid[0], task.out_shape[1:],
+                               crop=not embedder.resize)
     else:
         head = PooledHead(body.out_dim, task.num_outputs)
     return CrossModalModel(embedder, body, head)
+
+
+def model_for(task, args):
+    """build_model with the command line's choices (--body --pretrained --target_seq_len --input_norm
+    --embed_bias_std)."""
+    return build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
+                       bias_std=args.embed_bias_std)
 
 
 def load_embedder(model, path, script):
@@ -555,12 +716,58 @@ def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.
 
 # ---- optimiser and schedule ----------------------------------------------------------------------------------
 def make_optimizer(params, name, lr, weight_decay=0.0, momentum=0.9):
-    """SGD (with momentum) or Adam / AdamW with the official betas (0.9, 0.98)."""
-    params = [p for p in params if p.requires_grad]
+    """SGD (with momentum) or Adam / AdamW with the official betas (0.9, 0.98). params: tensors or param groups
+    (dicts with their own "lr"); frozen tensors are dropped."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
     return opt(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+
+def set_finetune(model, mode, lora_rank=8):
+    """What the fine-tuning stage trains inside the body (the embedder, the head and any method module always train):
+    - full: everything, as the papers run it (the default on the benchmark tasks);
+    - norms: the body's LayerNorms only; attention and feed-forward weights stay pretrained ("One Fits All",
+      Zhou et al., NeurIPS 2023: frozen self-attention and feed-forward, trained norms, positions, embedder, head);
+    - lora: low-rank adapters (Hu et al. 2022, through the peft library) on the body's linear layers, plus its
+      LayerNorms.
+    Only ever switches gradients off (a part frozen by the method, e.g. orca.py --freeze body, stays frozen);
+    calling it twice is harmless (resume)."""
+    if mode == "full":
+        return
+    body = model.body.model
+    if mode == "lora" and not any("lora_" in n for n, _ in body.named_parameters()):
+        from peft import LoraConfig, inject_adapter_in_model
+        # every nn.Linear of the body except MultiheadAttention's out_proj (its weight is read directly, bypassing
+        # forward, so an adapter there would never be used)
+        targets = sorted({n.split(".")[-1] for n, m in body.named_modules() if isinstance(m, nn.Linear)
+                          and not n.endswith("out_proj")})
+        frozen = {n for n, p in body.named_parameters() if not p.requires_grad}
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0,
+                                           target_modules=targets), body)
+        for n, p in body.named_parameters():  # peft freezes nothing it did not add; keep earlier freezes
+            if n in frozen:
+                p.requires_grad_(False)
+        body.to(next(model.embedder.parameters()).device)
+    norms = {id(p) for m in body.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for n, p in body.named_parameters():
+        p.requires_grad_(p.requires_grad and (id(p) in norms or "lora_" in n))
+
+
+def param_groups(model, params, lr, new_lr_mult=1.0):
+    """Optimiser groups: the pretrained body at lr, everything else (embedder, head, method modules: new weights) at
+    lr x new_lr_mult, a higher rate for the new modules than for the body as in ORCA's embedder stage."""
+    body = {id(p) for p in model.body.parameters()}
+    params = [p for p in params if p.requires_grad]
+    groups = [dict(params=[p for p in params if id(p) in body], lr=lr),
+              dict(params=[p for p in params if id(p) not in body], lr=lr * new_lr_mult)]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step, warmup_steps, decay_steps):
@@ -648,14 +855,27 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     state, so it ends exactly as an uninterrupted run on CPU. A non-finite loss stops the run and keeps last.pt."""
     ctx, scaler = autocast_context(device, args.dtype)
     compute = compute or (lambda m, x, y, epoch: (task_loss(task, m(x), y), {}))
-    params = list(params if params is not None else model.parameters())
-    optimizer = make_optimizer(params, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    set_finetune(model, getattr(args, "finetune", "full"), getattr(args, "lora_rank", 8))
+    given = params is not None
+    params = [p for p in (params if given else model.parameters()) if p.requires_grad]
+    if given and getattr(args, "finetune", "full") == "lora":  # the adapters are new parameters
+        params += [p for n, p in model.body.named_parameters() if "lora_" in n and p.requires_grad
+                   and all(p is not q for q in params)]
+    optimizer = make_optimizer(param_groups(model, params, args.lr, getattr(args, "new_lr_mult", 1.0)),
+                               args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = math.ceil(len(task.train) / args.batch_size)
     steps_per_epoch = max(1, batches // args.accum)
+    if getattr(args, "steps", None) and not getattr(args, "auto_flags", None):  # --steps on a fixed-config task
+        args.epochs = math.ceil(args.steps / steps_per_epoch)
+        args.decay_epochs = args.epochs
     warmup, decay = args.warmup_epochs * steps_per_epoch, args.decay_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, decay))
+    # which checkpoint is tested: the best on validation, or the last epoch when the validation split is too small
+    # to rank epochs (a handful of samples: one sample moves the error by 1/n, i.e. noise)
+    select = getattr(args, "select", "best") or "best"
+    every = getattr(args, "ckpt_every", 1) or 1
     seed_everything(args.seed + 1)  # fine-tuning randomness must not depend on whether stage 1 ran (resume)
-    start_epoch, step, best = 0, 0, math.inf
+    start_epoch, step, best, best_state = 0, 0, math.inf, None
     last = run.dir / "last.pt"
     if args.resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
@@ -702,30 +922,47 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
             if step >= total:
                 break
         complete = i + 1 == len(loader)  # False when --max_steps cut the epoch short
-        val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
-        if val["score"] < best:
-            best = val["score"]
-            torch.save({"model": model.state_dict(), "epoch": epoch, "val_score": best}, run.dir / "ckpt.pt")
-        print(f"eval epoch {epoch} | val_loss {val['loss']:.4f} | val_{task.metric} {val['score']:.4f} "
-              f"(best {best:.4f})")
-        run.log(stage=stage, step=step, epoch=epoch, val_loss=val["loss"], val_score=val["score"])
+        if len(task.val):
+            val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
+            if select == "best" and val["score"] < best:
+                best, best_state = val["score"], _cpu_state(model, epoch, val["score"])
+            print(f"eval epoch {epoch} | val_loss {val['loss']:.4f} | val_{task.metric} {val['score']:.4f} "
+                  f"(best {best:.4f})")
+            run.log(stage=stage, step=step, epoch=epoch, val_loss=val["loss"], val_score=val["score"])
         if not complete:
             break  # a partial epoch is never written to last.pt: --resume redoes it whole, as after a kill
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
-                    "rng": _rng_state()}, last)
+        final = epoch == args.epochs - 1 or step >= total
+        if (epoch + 1) % every == 0 or final:
+            # the tested checkpoint is flushed together with the resume point, so that both always agree
+            if select == "last":
+                best_state = {"model": model.state_dict(), "epoch": epoch, "val_score": None}
+            if best_state is not None:
+                torch.save(best_state, run.dir / "ckpt.pt")
+                best_state = None
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
+                        "rng": _rng_state()}, last)
+    if best_state is not None:  # a --max_steps cut: the best epoch seen is still tested
+        torch.save(best_state, run.dir / "ckpt.pt")
     return best
 
 
+def _cpu_state(model, epoch, val_score):
+    """A copy of the weights that later steps do not change (kept in memory until it is written)."""
+    return {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, "epoch": epoch,
+            "val_score": val_score}
+
+
 def test_best(model, task, args, run, device):
-    """Reload the best-on-validation weights (ckpt.pt) and score them on the test split."""
+    """Reload the tested checkpoint (ckpt.pt: best on validation, or the last epoch with --select last) and score it
+    on the test split."""
     ctx, _ = autocast_context(device, args.dtype)
     ckpt = run.dir / "ckpt.pt"
     if ckpt.exists():
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False)["model"])
-    val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
+    val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)["score"] if len(task.val) else None
     test = evaluate(model, task, task.test, args.eval_batch_size, device, ctx)
-    return {"metric": task.metric, "test_score": test["score"], "val_score": val["score"], "test_loss": test["loss"]}
+    return {"metric": task.metric, "test_score": test["score"], "val_score": val, "test_loss": test["loss"]}
 
 
 def setup(method, args):

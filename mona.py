@@ -32,8 +32,8 @@ Choices where the paper is silent or the slides are ambiguous (there is no offic
   reaches phi_e directly. L_inner in L'_outer is the loss at theta (before the virtual step), on the same batch.
 - The embedder update uses the script's optimiser (AdamW by default) with lr beta = --outer_lr, not plain SGD; beta
   defaults to 10x the fine-tuning lr, the embedder-lr rule of ORCA's code (task_configs.py), which MoNA compares to.
-- alpha, beta, lambda, I_1 are not in the slides; defaults below are ours (see README). Attention runs on PyTorch's
-  math kernel during the virtual update, because the fused kernels have no double backward.
+- alpha, beta, lambda, I_1 are not in the slides; defaults below are ours (see docs/mona.md). Attention runs on
+  PyTorch's math kernel during the virtual update, because the fused kernels have no double backward.
 """
 import argparse
 import contextlib
@@ -50,12 +50,11 @@ import common
 import data
 
 # ---- config --------------------------------------------------------------------------------------------------
-# MoNA-specific per-task defaults; the shared fine-tuning hyperparameters come from data.TASKS.
-# I_1 is not in the slides: about 20 meta steps on the offline CPU tasks (gunpoint has 2 batches per epoch, digits
-# 36), which a loaded 2-core CPU runs in minutes.
+# MoNA-specific per-task defaults; the shared fine-tuning hyperparameters come from data.TASKS. I_1 is not in the
+# slides: 5 passes on the benchmark tasks; 20 meta steps (AUTO_META_STEPS) on the data-aware offline and custom
+# tasks, whatever their size, which a 2-core CPU runs in a minute or two.
+AUTO_META_STEPS = 20
 MONA_DEFAULTS = {
-    "gunpoint": dict(meta_epochs=10),
-    "digits": dict(meta_epochs=0.5),
     "burgers": dict(meta_epochs=1),
     **{name: dict(meta_epochs=1) for name in data.TASKS if name.startswith("synthetic")},
 }
@@ -69,8 +68,9 @@ def get_args(argv=None):
                    help="labelled source data: auto (official conll / cifar10 when in --data_dir, else docstrings for "
                         "text bodies, digits for vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | "
                         "synthetic | none (= plain fine-tuning)")
-    g.add_argument("--meta_epochs", type=float, default=5, help="I_1 in passes over the target training set")
-    g.add_argument("--meta_steps", type=int, default=-1,
+    g.add_argument("--meta_epochs", type=float, default=None,
+                   help="I_1 in passes over the target training set (default 5; offline / custom tasks: --meta_steps)")
+    g.add_argument("--meta_steps", type=int, default=None,
                    help="I_1 in embedder updates; overrides --meta_epochs when >= 0; 0 = plain fine-tuning")
     g.add_argument("--inner_lr", type=float, default=0.1, help="alpha: SGD step size of the virtual update")
     g.add_argument("--outer_lr", type=float, default=-1, help="beta: embedder learning rate (-1 = 10 x --lr, as ORCA)")
@@ -92,7 +92,10 @@ def get_args(argv=None):
     g.add_argument("--probe_ckpt", default=None,
                    help="PATH to the ckpt.pt of any method's run (same --task, --body): print the distortion of its "
                         "fine-tuned encoder and exit, so every method is measured the same way")
-    args = common.parse_args(parser, argv, method_defaults=MONA_DEFAULTS)
+    args = common.parse_args(parser, argv, method_defaults=MONA_DEFAULTS,
+                             method_auto=lambda a, task: dict(meta_steps=-1 if a.meta_epochs else AUTO_META_STEPS))
+    args.meta_epochs = 5 if args.meta_epochs is None else args.meta_epochs
+    args.meta_steps = -1 if args.meta_steps is None else args.meta_steps
     if args.inner_steps < 1 or args.meta_epochs < 0 or args.outer_weight < 0:
         raise common.UserError("--inner_steps must be >= 1, --meta_epochs >= 0 and --outer_weight >= 0")
     args.outer_lr = 10 * args.lr if args.outer_lr < 0 else args.outer_lr
@@ -269,7 +272,7 @@ if __name__ == "__main__":
 
     # data and model: the shared substrate (task-specific embedder and head around the pretrained body)
     task = data.get_task(args.task, args.data_dir, args.data_path)
-    model = common.build_model(task, args.body, args.pretrained, args.target_seq_len).to(device)
+    model = common.model_for(task, args).to(device)
     trainable, total = common.count_params(model)
     print(f"task {task.name}: {task.kind}, in {task.in_shape}, out {task.out_shape}, "
           f"train/val/test {len(task.train)}/{len(task.val)}/{len(task.test)} | params {trainable:,}/{total:,}")

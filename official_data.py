@@ -512,7 +512,7 @@ def _fsd50k(name, data_dir):
         raise UserError(f"task '{name}': missing {missing[0]}; this task reads precomputed log-mel chunks "
                         f"fsd50k/mel_{{train,test}}.npy (N, 1, 96, 102) and fsd50k/labels_{{train,test}}.npy (N, 200) "
                         f"(+ optional *_val.npy), made from FSD50K ({S3}audio/audio.zip, 24 GB) with the official "
-                        f"recipe in the README, which needs librosa (not shipped here)")
+                        f"recipe in docs/data.md, which needs librosa (not shipped here)")
     a = {p.stem: read(name, p, lambda p: np.load(p, mmap_mode="r")) for p in base.glob("*_*.npy")}
     for key in [k for k in a if k.startswith("mel")]:
         expect_ndim(name, base / f"{key}.npy", a[key], 4, "(N, 1, 96, 102)")

@@ -57,9 +57,7 @@ PARE_DEFAULTS = {
     "ecg": dict(k0=32, batch_size=64, accum=1, optimizer="adamw", lr=3e-5, weight_decay=0.1),
     "satellite": dict(k0=32, batch_size=64, accum=1),
     "deepsea": dict(k0=32, epochs=25),
-    # offline tasks have few epochs: a shorter phase A so that both phases run
-    "digits": dict(gumbel_epochs=2),
-    "burgers": dict(gumbel_epochs=3),
+    "burgers": dict(gumbel_epochs=3),  # 10 epochs: a shorter phase A so that both phases run
     **{name: dict(gumbel_epochs=1) for name in data.TASKS if name.startswith("synthetic")},
 }
 
@@ -85,7 +83,9 @@ def get_args(argv=None):
     g.add_argument("--gumbel_epochs", type=int, default=None,
                    help="phase A length (Gumbel top-k, gate trained), then hard top-k; default 10 for 2D, 5 for 1D")
     g.add_argument("--tau", type=float, default=0.9, help="Gumbel top-k temperature (official 0.9)")
-    args = common.parse_args(parser, argv, method_defaults=PARE_DEFAULTS)
+    # data-aware offline / custom tasks: phase A is the first 10 % of the epochs (the 2D configs' 10 of 100)
+    args = common.parse_args(parser, argv, method_defaults=PARE_DEFAULTS,
+                             method_auto=lambda a, task: dict(gumbel_epochs=max(1, round(0.1 * a.epochs))))
     if args.k0 < 0 or args.k_end < 0 or args.tau <= 0 or (args.mix_weight or 0) < 0 or args.source_n < 1:
         raise common.UserError("--k0, --k_end, --mix_weight must be >= 0, --tau > 0 and --source_n >= 1")
     return args
@@ -268,7 +268,7 @@ if __name__ == "__main__":
 
     # model: the shared substrate; the embedder starts from the body's pretrained pieces and there is no alignment
     # stage (every *_PaRe.yaml sets align_method srcinit, which forces embedder_epochs = 0)
-    model = common.build_model(task, args.body, args.pretrained, args.target_seq_len).to(device)
+    model = common.model_for(task, args).to(device)
     trainable, total = common.count_params(model)
     print(f"task {task.name}: {task.kind}, in {task.in_shape}, out {task.out_shape}, "
           f"train/val/test {len(task.train)}/{len(task.val)}/{len(task.test)} | params {trainable:,}/{total:,}")

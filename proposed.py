@@ -20,7 +20,7 @@ fine-tuning with a frozen / trained / linear-projection embedder, and optional p
     python proposed.py --version 001 --predict perturb --perturb_sigma 0.1
     python proposed.py --task synthetic --body tiny --contrastive_epochs 0 --k0 0   # = finetune.py
 
-Deviations (no official code exists; every open choice is a flag, README "proposed"): sim = exp((cos - 1) / tau), as
+Deviations (no official code exists; every open choice is a flag, docs/proposed.md): sim = exp((cos - 1) / tau), as
 the raw cosine can be negative and break the log (--similarity); sums over i, j include i = j; lam_ij = eps / (max(rho,
 0) + eps), rho = Pearson correlation of label vectors (one-hot, multi-hot, flattened targets); "same label" = class or
 k-means pseudo-class (data.class_labels); noise on train-standardised data; patch score = attention received, mean over
@@ -390,7 +390,7 @@ if __name__ == "__main__":
     args = get_args()
     run, device = common.setup("proposed", args)
     task = data.get_task(args.task, args.data_dir, args.data_path)
-    model = common.build_model(task, args.body, args.pretrained, args.target_seq_len)
+    model = common.model_for(task, args)
     if args.version == "001":  # METHOD: 001's embedder carries a linear projection
         model.embedder = ProjectedEmbedder(model.embedder, model.body.dim)
     model.to(device)

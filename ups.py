@@ -30,7 +30,7 @@ Deviations from the official code:
 - `--residual` (default on): the head predicts the change of the state and starts at zero, so training starts from
   persistence; the official head predicts the state, which a few hundred CPU steps leave far behind persistence.
 - `--head tokens` (default): each PDE token is mapped back to an S x S map and the maps are mixed pointwise (the
-  inverse of the embedder); at our budget it learned faster than the official pooled head (README, UPS section).
+  inverse of the embedder); at our budget it learned faster than the official pooled head (docs/ups.md).
 - CPU-sized defaults: width 16 (official 32), 5 + 2 epochs (20 + 100), lr 3e-4 (5e-5), stage-1 lr 1e-3.
 - The packed input carries a constant plane with the family id, by which the model looks up grid, mask and text, so
   the shared common.fit / evaluate loop runs unchanged (the official loader returns ((x, text), (y, mask))).

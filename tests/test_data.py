@@ -74,7 +74,8 @@ def test_truncated_or_interrupted_download_leaves_nothing(tmp_path, monkeypatch,
 
 
 def test_missing_file_fails_fast_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(official_data, "S3", "http://127.0.0.1:9/")  # nothing listens there: the download is refused at once
+    # nothing listens there: the download is refused at once
+    monkeypatch.setattr(official_data, "S3", "http://127.0.0.1:9/")
     t0 = time.time()
     with pytest.raises(UserError) as e:
         data.get_task("ecg", tmp_path)

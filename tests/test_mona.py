@@ -62,11 +62,11 @@ def test_virtual_update_is_one_sgd_step(setup):
 
 def test_meta_step_changes_only_the_embedder(setup):
     args, task, model, x, y, src_tokens, src_y = setup
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.named_parameters()}  # (buffers, e.g. input statistics, never train)
     optimizer = torch.optim.SGD(model.embedder.parameters(), lr=0.1)
     losses = mona.meta_step(model, optimizer, task, x, y, src_tokens, src_y, args)
     assert set(losses) >= {"inner", "outer", "align", "uniform"} and all(math.isfinite(v) for v in losses.values())
-    for k, v in model.state_dict().items():
+    for k, v in model.named_parameters():
         same = torch.equal(v, before[k])
         assert same != k.startswith("embedder."), f"{k} {'unchanged' if same else 'changed'}"
     assert all(p.grad is None for p in model.body.parameters())  # the body never accumulates a gradient
@@ -113,7 +113,7 @@ def test_outer_gradient_flows_only_through_the_virtual_update(setup):
 
 
 def test_default_source_batch_has_at_most_the_target_batch_tokens():
-    args = mona.get_args(["--task", "gunpoint", "--body", "tiny"])  # batch 20
+    args = mona.get_args(["--task", "gunpoint", "--body", "tiny", "--batch_size", "20"])
     assert args.source_batch_size == -1
     assert mona.source_batch_size(args, 15, 32) == 9  # 20 x 15 target tokens hold 9 sentences of 32 tokens
     assert mona.source_batch_size(args, 64, 32) == 20  # never more samples than --batch_size

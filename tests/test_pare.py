@@ -86,13 +86,14 @@ def test_k_schedule_and_lambda_match_formulas():
 
 
 def test_resolve_defaults_and_clear_errors():
-    args = pare.get_args(["--task", "gunpoint"])
+    args = pare.get_args(["--task", "satellite"])  # a benchmark task: the official phase A of 5 epochs (1D)
     task = data.get_task("synthetic")  # 1D classification
     assert pare.resolve(args, task, 50, 32) == (32, 0)  # 0.64 * 50 = 32
     assert args.mix_weight == 0.1 and args.gumbel_epochs == 5
     args = pare.get_args(["--task", "digits", "--k0", "0.64", "--k_end", "4"])
     assert pare.resolve(args, data.get_task("synthetic_dense_2d"), 64, 16) == (16, 4)  # fraction capped at T = 16
-    assert args.mix_weight == 0.3 and args.gumbel_epochs == 2  # dense w; digits' shorter phase A
+    # dense w; a data-aware task's phase A is the first 10 % of its epochs
+    assert args.mix_weight == 0.3 and args.gumbel_epochs == max(1, round(0.1 * args.epochs))
     with pytest.raises(common.UserError, match="only 16 patches"):
         pare.resolve(pare.get_args(["--k0", "20"]), task, 64, 16)
     with pytest.raises(common.UserError, match="k must decay"):

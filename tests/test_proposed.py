@@ -82,7 +82,8 @@ def test_loss_minimal_when_classes_coincide_and_are_orthogonal(kind):
         assert loss(best4) == pytest.approx(0.0, abs=1e-6) and loss(spread) == pytest.approx(0.0, abs=1e-6)
     else:
         assert loss(spread) > loss(best4) + 1e-6
-    if kind == "shift":  # for the affine map, anti-parallel classes beat orthogonal ones (documented in README)
+    # for the affine map, anti-parallel classes beat orthogonal ones (documented in docs/proposed.md)
+    if kind == "shift":
         pair = torch.tensor([0, 1])
         lam2 = proposed.contrastive_weights(pair, torch.zeros(2, 2))
         anti = proposed.contrastive_loss(proposed.similarity(torch.tensor([[1.0], [-1.0]]), kind), pair, lam2)

@@ -138,7 +138,8 @@ def test_pdebench_files_are_read_as_trajectories(tmp_path):
         pytest.skip("data.py has no PDEBench trajectory reader (pde_trajectories) yet")
     with h5py.File(tmp_path / official_data.PDE_FILES["pde_advection"][0], "w") as f:  # PDEBench 1D layout (N, T, X)
         f["tensor"] = np.arange(40 * 21 * 64, dtype=np.float32).reshape(40, 21, 64)
-    with h5py.File(tmp_path / official_data.PDE_FILES["pde_diffusion_reaction_2d"][0], "w") as f:  # groups: data (T, X, Y, V)
+    # grouped layout: data (T, X, Y, V)
+    with h5py.File(tmp_path / official_data.PDE_FILES["pde_diffusion_reaction_2d"][0], "w") as f:
         for i in range(20):
             f[f"{i:04d}/data"] = np.full((21, 64, 64, 2), i, dtype=np.float32)
     a = ups.family_trajectories("pde_advection", "test", 9, tmp_path)

@@ -1,0 +1,185 @@
+"""Any length and any size through the embedders, the data-aware defaults of offline and custom tasks, the
+fine-tuning modes (full / norms / lora), input standardisation and checkpoint selection, and the suite's 1-NN.
+
+    python -m pytest tests/test_defaults.py -q
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import common
+import data
+
+TINY = common.build_body("tiny")
+
+
+# ---- any length, any size ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,budget", [(151, 64), (1, 64), (7, 64), (997, 16), (150, 19), (2000, 32)])
+def test_1d_embedder_takes_any_length(length, budget):
+    emb = common.Embedder1D(2, length, 64, budget, TINY)
+    tokens = emb(torch.randn(3, 2, length))
+    n = tokens.shape[1]
+    assert n == emb.num_tokens <= budget and emb.stride * n >= length > emb.stride * (n - 1)
+    # close to the requested number of tokens: at least about half of it (a prime length no longer collapses)
+    assert n >= min(length, budget) / 2 - 1
+    dense = common.DenseHead1D(3, emb.stride, length)
+    assert dense(torch.randn(3, n, 64)).shape == (3, 3, length)  # the dense head crops back to the input length
+
+
+def test_prime_length_used_to_collapse_and_now_pads():
+    assert common.stack_num(151, 64) == 151  # ORCA's divisor rule: one token
+    emb = common.Embedder1D(1, 151, 64, 64, TINY)
+    assert (emb.stride, emb.num_tokens, emb.pad) == (3, 51, 2)
+    x = torch.randn(2, 1, 151)
+    # the padding is zeros on the right: the last token sees x[..., 150] and two zeros
+    manual = emb.conv(torch.nn.functional.pad(x, (0, 2)))[..., -1]
+    assert torch.allclose(emb.conv(torch.cat([x, torch.zeros(2, 1, 2)], -1))[..., -1], manual)
+
+
+@pytest.mark.parametrize("length,budget,official", [(1000, 64, 20), (1000, 512, 2), (46, 512, 1), (1024, 128, 8),
+                                                     (1024, 512, 2), (1024, 32, 32), (128, 256, 1), (3072, 128, 24)])
+def test_official_stride_kept_where_it_divides(length, budget, official):
+    """NAS-Bench-360 (ECG 1000 @ 64, DeepSEA 1000 @ 512, Satellite 46) and PDEBench lengths keep ORCA's stride."""
+    assert common.stack_num(length, budget) == official == common.patch_stride(length, budget)
+    assert common.Embedder1D(1, length, 64, budget, TINY).pad == 0
+
+
+@pytest.mark.parametrize("hw", [(13, 7), (1, 1), (28, 28), (5, 30)])
+def test_2d_embedder_pads_and_dense_head_crops(hw):
+    task = data.make_task("t", "dense", "nrmse", "nrmse", np.random.randn(6, 2, *hw).astype(np.float32),
+                          np.random.randn(6, 1, *hw).astype(np.float32), np.random.randn(4, 2, *hw).astype(np.float32),
+                          np.random.randn(4, 1, *hw).astype(np.float32))
+    model = common.build_model(task, "tiny", target_seq_len=16, body=common.build_body("tiny"))
+    x = task.train.tensors[0][:3]
+    assert model.embed(x).shape[1] <= 16 and model(x).shape == (3, 1, *hw)
+    # zero padding, not resizing: changing a pixel changes only the tokens of its own patch
+    x2 = x.clone()
+    x2[..., 0, 0] += 1
+    changed = (model.embed(x2) - model.embed(x)).abs().sum((0, 2)) > 1e-6
+    assert changed.sum() == 1
+
+
+# ---- input standardisation -----------------------------------------------------------------------------------
+def test_channel_norm_uses_training_statistics_and_is_saved():
+    x = np.random.randn(40, 3, 20).astype(np.float32) * np.array([1, 10, 100], np.float32)[:, None] + 5
+    y = np.arange(40) % 2
+    task = data.make_task("t", "classification", "ce", "error", x, y, x[:10], y[:10])
+    model = common.build_model(task, "tiny", target_seq_len=8, input_norm="channel")
+    z = model.embedder.input_norm(task.train.tensors[0])
+    assert torch.allclose(z.mean((0, 2)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(z.std((0, 2), unbiased=False), torch.ones(3), atol=1e-3)
+    state = model.state_dict()
+    assert "embedder.input_norm.mean" in state and "embedder.input_norm.std" in state
+    other = common.build_model(task, "tiny", target_seq_len=8, input_norm="channel")
+    other.embedder.input_norm.mean.zero_()
+    other.load_state_dict(state)  # a checkpoint brings the training statistics back
+    assert torch.equal(other.embedder.input_norm.mean, model.embedder.input_norm.mean)
+    inst = common.InputNorm(3, 1, "instance")(torch.as_tensor(x[:4]))
+    assert torch.allclose(inst.mean(-1), torch.zeros(4, 3), atol=1e-4)
+
+
+# ---- data-aware defaults -------------------------------------------------------------------------------------
+def _custom(tmp_path, n=60, length=151, channels=1, classes=3):
+    rng = np.random.RandomState(0)
+    y = np.arange(n) % classes
+    x = (rng.randn(n, channels, length) + y[:, None, None]).astype(np.float32)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    return path
+
+
+def test_auto_defaults_from_the_data(tmp_path):
+    task = data.get_task("custom", data_path=_custom(tmp_path))
+    d = common.auto_defaults(task)
+    assert len(task.val) == 0 and d["select"] == "last"  # 6 validation samples would be noise: none is carved
+    assert common.Embedder1D(1, 151, 64, d["target_seq_len"]).stride >= 8  # >= 8 values per token
+    assert d["target_seq_len"] <= 32 and d["batch_size"] == 8 and d["input_norm"] == "channel"
+    steps = d["epochs"] * -(-len(task.train) // d["batch_size"])
+    assert common.AUTO_STEPS <= steps < common.AUTO_STEPS + len(task.train)  # a step budget, not an epoch count
+    big = data.get_task("digits")
+    assert common.auto_defaults(big)["select"] == "best" and len(big.val) >= 50
+    assert common.auto_defaults(big)["target_seq_len"] == 16  # 8x8 images: 2x2 patches
+
+
+def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
+    import finetune
+    path = _custom(tmp_path)
+    args = finetune.get_args(["--task", "custom", "--data_path", str(path), "--body", "tiny", "--batch_size", "4"])
+    assert args.batch_size == 4 and "batch_size" not in args.auto_flags and "target_seq_len" in args.auto_flags
+    args = finetune.get_args(["--task", "custom", "--data_path", str(path), "--body", "tiny", "--epochs", "2"])
+    assert args.epochs == 2 and args.warmup_epochs == pytest.approx(0.2)
+    proc, final = run("finetune.py", "--task", "custom", "--data_path", path, "--body", "tiny", "--steps", "12")
+    assert "defaults for task custom:" in proc.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["input_norm"] == "channel" and config["select"] == "last" and "epochs" in config["auto_flags"]
+    assert final["val_score"] is None and final["test_score"] <= 1.0
+
+
+def test_benchmark_and_synthetic_tasks_keep_fixed_defaults():
+    import finetune
+    args = finetune.get_args(["--task", "synthetic"])
+    assert (args.epochs, args.batch_size, args.lr, args.finetune, args.input_norm, args.select) == \
+        (2, 16, 1e-3, "full", "none", "best")
+    args = finetune.get_args(["--task", "ecg"])  # the official ECG config; no data needed to parse
+    assert (args.epochs, args.batch_size, args.lr, args.target_seq_len, args.optimizer) == (15, 4, 1e-6, 64, "sgd")
+
+
+# ---- fine-tuning modes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["full", "norms", "lora"])
+def test_finetune_modes(mode):
+    task = data.get_task("synthetic")
+    model = common.build_model(task, "tiny", target_seq_len=16)
+    common.set_finetune(model, mode, lora_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    body = {n for n in trainable if n.startswith("body.")}
+    assert any(n.startswith("embedder.") for n in trainable) and any(n.startswith("head.") for n in trainable)
+    if mode == "full":
+        assert body == {"body." + n for n, _ in model.body.named_parameters()}
+    elif mode == "norms":
+        assert body and all("norm" in n for n in body)
+    else:
+        assert any("lora_" in n for n in body) and all("lora_" in n or "norm" in n for n in body)
+        x = task.train.tensors[0][:4]
+        before = model(x)
+        with torch.no_grad():  # adapters start at zero (B = 0): the pretrained function is unchanged ...
+            for n, p in model.body.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.1)
+        assert not torch.allclose(model(x), before)  # ... and they are on the forward path
+        common.set_finetune(model, mode, lora_rank=4)  # idempotent (resume)
+        assert sum("lora_A" in n for n, _ in model.named_parameters()) == \
+            sum(1 for n, _ in model.body.named_parameters() if "lora_A" in n)
+
+
+def test_new_modules_get_their_own_learning_rate():
+    model = common.build_model(data.get_task("synthetic"), "tiny", target_seq_len=16)
+    groups = common.param_groups(model, model.parameters(), 1e-4, 10)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lora_run_trains_and_resumes(run, tmp_path):
+    flags = ["--task", "synthetic", "--body", "tiny", "--finetune", "lora", "--epochs", "2", "--log_interval", "1"]
+    _, a = run("finetune.py", *flags, "--out_dir", tmp_path / "a")
+    run("finetune.py", *flags, "--out_dir", tmp_path / "b", "--max_steps", "7")
+    _, b = run("finetune.py", *flags, "--out_dir", tmp_path / "b", "--resume")
+    assert a["test_loss"] == b["test_loss"]
+
+
+# ---- checkpoint selection and the suite's baseline -----------------------------------------------------------
+def test_select_last_tests_the_final_weights(run, tmp_path):
+    flags = ["--task", "synthetic", "--body", "tiny", "--epochs", "3", "--select", "last"]
+    _, final = run("finetune.py", *flags)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["epoch"] == 2
+
+
+def test_knn_error_matches_a_direct_computation():
+    task = data.get_task("synthetic")
+    x = torch.cat([task.train.tensors[0], task.val.tensors[0]]).flatten(1)
+    y = torch.cat([task.train.tensors[1], task.val.tensors[1]])
+    xt, yt = task.test.tensors
+    nearest = torch.cdist(xt.flatten(1), x).argmin(1)
+    assert bench.knn_error(task) == pytest.approx((y[nearest] != yt).float().mean().item())
