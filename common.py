@@ -159,6 +159,7 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
     if chosen:
         print("defaults for task " + args.task + ": " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
     args.auto_flags = sorted(chosen)
+    args.auto_task = bool(data.TASKS[args.task].get("auto"))  # epochs already sized from --steps by auto_defaults
     return args
 
 
@@ -865,7 +866,7 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
                                args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = math.ceil(len(task.train) / args.batch_size)
     steps_per_epoch = max(1, batches // args.accum)
-    if getattr(args, "steps", None) and not getattr(args, "auto_flags", None):  # --steps on a fixed-config task
+    if getattr(args, "steps", None) and not getattr(args, "auto_task", False):  # --steps on a fixed-config task
         args.epochs = math.ceil(args.steps / steps_per_epoch)
         args.decay_epochs = args.epochs
     warmup, decay = args.warmup_epochs * steps_per_epoch, args.decay_epochs * steps_per_epoch

@@ -90,6 +90,10 @@ def get_args(argv=None):
     if args.task not in DEFAULT_FAMILIES:
         raise common.UserError(f"--task {args.task}: ups.py takes --task offline (scipy solvers) or pdebench")
     args.families = args.families or DEFAULT_FAMILIES[args.task]
+    for k, v in common.FIXED_DEFAULTS.items():  # UPS keeps the official fine-tuning recipe: full, no input norm
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.ckpt_every = args.ckpt_every or max(1, args.epochs // 20)
     args.decay_epochs = args.epochs if args.decay_epochs < 0 else args.decay_epochs
     if not 1 <= args.modes <= args.size // 2:
         raise common.UserError(f"--modes {args.modes} must lie in 1..size/2 = {args.size // 2}")
