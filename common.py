@@ -864,7 +864,11 @@ class Run:
         config = json.loads(json.dumps(vars(args), default=str))
         saved = self.dir / "config.json"
         if args.resume and saved.exists():
-            self.check_resume(json.loads(saved.read_text()), config)
+            try:
+                self.check_resume(json.loads(saved.read_text()), config)
+            except UserError:
+                self._lock.close()  # refused: the directory is free again
+                raise
         elif not args.resume:
             self.clear()
         write_atomic(saved, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
