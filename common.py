@@ -631,8 +631,13 @@ def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, b
 def model_for(task, args):
     """build_model with the command line's choices (--body --pretrained --target_seq_len --input_norm
     --embed_bias_std)."""
-    return build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
-                       bias_std=args.embed_bias_std)
+    model = build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
+                        bias_std=args.embed_bias_std)
+    table = model.body.position_table
+    if table is not None and getattr(model.embedder, "num_tokens", 0) > len(table):
+        print(f"warning: {model.embedder.num_tokens} tokens (--target_seq_len {args.target_seq_len}) are more than the "
+              f"{len(table)} pretrained positions of --body {args.body}: the positions start random")
+    return model
 
 
 def load_embedder(model, path, script):
@@ -865,7 +870,7 @@ class Run:
         saved = self.dir / "config.json"
         if args.resume and saved.exists():
             try:
-                self.check_resume(json.loads(saved.read_text()), config)
+                self.check_resume(saved, config)
             except UserError:
                 self._lock.close()  # refused: the directory is free again
                 raise
@@ -887,8 +892,13 @@ class Run:
         if old:
             print(f"fresh run: removed {len(old)} file(s) of an earlier run in {self.dir} (--resume continues one)")
 
-    def check_resume(self, saved, config):
+    def check_resume(self, path, config):
         """--resume continues the schedule saved in last.pt: refuse flags that differ from the saved config.json."""
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"cannot read {path} to check the flags of the run to resume; start afresh (drop "
+                            f"--resume) or give another --out_dir") from None
         keys = sorted((set(saved) | set(config)) - self.RESUME_FREE)
         differ = [k for k in keys if saved.get(k) != config.get(k)]
         if differ:
