@@ -146,6 +146,8 @@ def weighted_distance(model, dataset, groups, weights, distance, n_take, generat
         # body never runs in stage 2 (the official wrapper's output_raw=True).
         x = data.take(dataset, idx.tolist())[0]  # reads only these samples (large tasks stay on disk)
         features = model.embed(x.to(device)).float().mean(1)
+        if not torch.isfinite(features).all():  # a diverged embedder: the caller stops the run (otdd.py would raise)
+            return math.nan
         value = weights[c] * distance(features, generator)
         if backward:
             value.backward()

@@ -401,6 +401,9 @@ def align_embedder(model, task, args, run, device):
             tokens, fno_pred, _, fam = model.embed(x.to(device), with_fno=True)
             fno_loss = common.compute_loss("nrmse", fno_pred, y.to(device))
             pooled = tokens.mean(1)  # (B, D), as the official feats2.mean(1)
+            if not torch.isfinite(pooled).all():  # a diverged embedder: stop here, not inside otdd.py
+                common.stop_nonfinite(f"non-finite embedder output at stage-1 step {step}", run,
+                                      "lower --align_lr and start afresh")
             if args.align_objective == "mmd":  # official MMD_loss: as many source rows, drawn with replacement
                 align = otdd.mmd(src_x[torch.randint(len(src_x), (len(pooled),), generator=gen)], pooled)
             else:

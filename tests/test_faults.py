@@ -256,6 +256,10 @@ def test_nan_in_orca_alignment_stops_before_otdd(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
     assert "non-finite embedder weights after embedder step 1" in one_line(e)
+    monkeypatch.undo()
+    args.lr, model = 1e30, common.build_model(task, "tiny", target_seq_len=16)  # finite weights, NaN features:
+    with pytest.raises(UserError, match="non-finite otdd"):  # stopped here, not by a ValueError inside otdd.py
+        orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
 
 
 def test_nan_in_mona_meta_stage(tmp_path, monkeypatch):
@@ -281,6 +285,18 @@ def test_nan_in_proposed_contrastive_stage(tmp_path, monkeypatch):
         proposed.contrastive_stage(dataset, lambda x: model.embed(x).mean(1), model.embedder.parameters(), task, args,
                                    run, "cpu")
     assert "non-finite contrastive loss" in one_line(e) and not (run.dir / "embedder.pt").exists()
+
+
+def test_nan_in_ups_alignment(tmp_path, monkeypatch):
+    args = ups.get_args(["--body", "tiny", "--modes", "4", "--width", "4", "--align_objective", "none",
+                         "--align_epochs", "1", "--out_dir", str(tmp_path / "out")])
+    traj = {s: torch.randn(2, 4, 1, 32) for s in ("train", "val", "test")}
+    task = ups.make_task("advection", ["advection"], ["advection"], {"advection": traj}, 32)
+    run, model = common.Run("ups", args), ups.UPSModel(common.build_body("tiny"), [ups.FAMILIES["advection"]], args)
+    monkeypatch.setattr(common, "compute_loss", lambda name, pred, y: pred.sum() * np.nan)
+    with pytest.raises(UserError) as e:
+        ups.align_embedder(model, task, args, run, "cpu")
+    assert "non-finite stage-1 loss" in one_line(e) and not (run.dir / "embedder.pt").exists()
 
 
 # ---- what a user sees: exit code, one line, no traceback -----------------------------------------------------
