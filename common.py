@@ -836,13 +836,15 @@ def load_checkpoint(path, what="checkpoint", map_location="cpu"):
         raise UserError(f"{what} {path} not found; check the path")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL [\w.]+", str(e))
-        raise UserError(f"{what} {path} holds more than tensors ({found.group(0) if found else 'a Python object'}), "
-                        f"which could run code when loaded; refused: load only files written by this project") from None
     except Exception as e:
-        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
-                        f"it is truncated or not a checkpoint: delete it, or start afresh without --resume") from None
+        found = re.search(r"GLOBAL [\w.]+", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:  # weights_only refused to look up a global: tensors and containers never need one
+            raise UserError(f"{what} {path} holds more than tensors ({found.group(0)}), which could run code when "
+                            f"loaded; refused: load only files written by this project") from None
+        first = next((line for line in str(e).splitlines() if line.strip() and "Weights only" not in line), "")
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {first.strip()[:120]}); "
+                        f"it is truncated or not a torch checkpoint: give another file, or delete it and start afresh "
+                        f"(without --resume)") from None
 
 
 class Run:
@@ -859,7 +861,10 @@ class Run:
         self.method, self.args, self.start = method, args, time.time()
         args.out_dir = args.out_dir or f"runs/{method}_{args.task}_s{args.seed}"
         self.dir = Path(args.out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make --out_dir {self.dir} ({e.strerror}); give a folder you can write") from None
         self._lock = open(self.dir / ".lock", "w")  # kept open: the lock lasts as long as this process
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1011,6 +1016,9 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     optimizer = make_optimizer(param_groups(model, params, args.lr, getattr(args, "new_lr_mult", 1.0)),
                                args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = math.ceil(len(task.train) / args.batch_size)
+    if args.accum > batches:  # the trailing partial accumulation is dropped: no step would ever be taken
+        raise UserError(f"--accum {args.accum} is more than the {batches} batches of an epoch, so no optimiser step "
+                        f"would be taken; lower --accum or --batch_size")
     steps_per_epoch = max(1, batches // args.accum)
     if getattr(args, "steps", None) and not getattr(args, "auto_task", False):  # --steps on a fixed-config task
         args.epochs = math.ceil(args.steps / steps_per_epoch)

@@ -188,6 +188,18 @@ def test_every_script_validates_flags(script):
         script.get_args([*task, "--body", "tiny", "--batch_size", "0"])
 
 
+def test_flags_that_fail_only_against_the_data_or_the_disk(tmp_path):
+    args, run, device, task, model = start(tmp_path, "--accum", "50")  # 6 batches an epoch: no step ever
+    with pytest.raises(UserError, match="--accum 50 is more than the 6 batches"):
+        common.fit(model, task, args, run, device)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot make --out_dir"):
+        start(tmp_path, out="file")
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a torch checkpoint"):
+        common.load_embedder(model, tmp_path / "bad.pt", "orca.py")
+
+
 def test_ignored_dtype_warns(tmp_path, capsys):
     release(start(tmp_path, "--device", "cpu", "--dtype", "float16")[1])
     assert "warning: --dtype float16 is ignored" in capsys.readouterr().out
