@@ -356,17 +356,21 @@ def _burgers(data_dir, n_train=800, n_test=200, n=128, seed=0):
     """Initial state -> state at t=0.5 of 1D viscous Burgers (nu=0.01), the PDEBench task form at CPU size.
     Initial conditions: random sums of 4 sine modes with 1/k amplitudes. Cached as an .npz in data_dir."""
     path = Path(data_dir) / "burgers" / f"burgers_n{n}_{n_train}_{n_test}_s{seed}.npz"
-    if not path.exists():
+    try:
+        with np.load(path) as d:
+            u0, u1 = d["u0"], d["u1"]
+    except Exception as e:  # not solved yet, or unreadable (written in place by an older version): solve it
+        if path.exists():
+            print(f"warning: cache {path} cannot be read ({type(e).__name__}); solving it again")
         rng = np.random.RandomState(seed)
         x = np.linspace(0, 1, n, endpoint=False)
         kk = np.arange(1, 5)
         amp = rng.randn(n_train + n_test, 4) / kk
         phase = rng.rand(n_train + n_test, 4) * 2 * np.pi
         u0 = (amp[:, :, None] * np.sin(2 * np.pi * kk[None, :, None] * x + phase[:, :, None])).sum(1)
-        u1 = solve_burgers(u0)
-        write_atomic(path, lambda tmp: np.savez(tmp, u0=u0.astype(np.float32), u1=u1.astype(np.float32)))
-    d = np.load(path)
-    u0, u1 = d["u0"][:, None], d["u1"][:, None]
+        u0, u1 = u0.astype(np.float32), solve_burgers(u0).astype(np.float32)
+        write_atomic(path, lambda tmp: np.savez(tmp, u0=u0, u1=u1))  # a kill mid-write leaves no half cache
+    u0, u1 = u0[:, None], u1[:, None]
     return u0[:n_train], u1[:n_train], u0[n_train:], u1[n_train:]
 
 

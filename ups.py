@@ -194,13 +194,17 @@ def family_trajectories(name, split, num, data_dir):
                                    f"yet; use the offline families ({DEFAULT_FAMILIES['offline']})")
         return data.pde_trajectories(name, split, num, data_dir, f["n"])
     path = Path(data_dir) / "ups" / f"{name}_{split}{num}.npy"
-    if not path.exists():
-        rng = np.random.RandomState(zlib.crc32(f"{name}|{split}".encode()))  # the data do not depend on --seed
-        traj = f["solve"](rng, num, f).astype(np.float32)
-        if not np.isfinite(traj).all():
-            raise common.UserError(f"family '{name}': the solver produced NaN/inf; check its coefficients")
-        common.write_atomic(path, lambda tmp: np.save(tmp, traj))  # a kill mid-write leaves no half cache
-    return np.load(path)
+    if path.exists():
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:  # written in place by an older version and cut short: solve again
+            print(f"warning: cache {path} cannot be read ({type(e).__name__}); solving it again")
+    rng = np.random.RandomState(zlib.crc32(f"{name}|{split}".encode()))  # the data do not depend on --seed
+    traj = f["solve"](rng, num, f).astype(np.float32)
+    if not np.isfinite(traj).all():
+        raise common.UserError(f"family '{name}': the solver produced NaN/inf; check its coefficients")
+    common.write_atomic(path, lambda tmp: np.save(tmp, traj))  # a kill mid-write leaves no half cache
+    return traj
 
 
 # ---- the unified representation ------------------------------------------------------------------------------

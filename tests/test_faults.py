@@ -123,6 +123,22 @@ def test_torn_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert "truncated" in one_line(e)
 
 
+def test_half_written_caches_are_rebuilt(tmp_path, capsys):
+    """Caches cut short by a kill under an older version (written in place) are solved again, not a traceback."""
+    body = common.build_body("tiny")
+
+    def caches():  # the Burgers task, a UPS family, the source features of ORCA / UPS
+        trajectories = ups.family_trajectories("advection", "train", 2, tmp_path)
+        return [*data._burgers(tmp_path, n_train=8, n_test=4, n=32), trajectories,
+                *data.source_features("synthetic", body, "tiny|test", tmp_path)]
+    made = caches()
+    for cache in [p for p in tmp_path.rglob("*") if p.is_file()]:
+        cache.write_bytes(cache.read_bytes()[:100])
+    again = caches()
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(made, again))
+    assert capsys.readouterr().out.count("cannot be read") == 3
+
+
 # ---- 3. another run's numbers --------------------------------------------------------------------------------
 def test_second_run_in_the_same_out_dir_is_refused(tmp_path):
     args, run, *_ = start(tmp_path)
