@@ -5,9 +5,12 @@ what a user sees.
 
     python -m pytest tests/test_faults.py -q        # CPU, offline, about a minute
 """
+import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ import orca
 import pare
 import proposed
 import ups
-from conftest import run_script
+from conftest import ROOT, run_script
 from errors import UserError
 
 TINY = ["--task", "synthetic", "--body", "tiny", "--epochs", "2", "--log_interval", "1"]
@@ -137,6 +140,37 @@ def test_half_written_caches_are_rebuilt(tmp_path, capsys):
     again = caches()
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(made, again))
     assert capsys.readouterr().out.count("cannot be read") == 3
+
+
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys, torch
+real = torch.save
+def save(state, f, *args, **kwargs):  # the second last.pt: half of it is written, then the power goes
+    if isinstance(state, dict) and state.get("epoch") == 1 and "last" in str(f):
+        open(f, "wb").write(b"PK half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(state, f, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kill_while_writing_last_pt_then_resume(tmp_path):
+    """kill -9 in the middle of writing last.pt (at a fixed point, not a timer): the previous last.pt is whole, and
+    --resume ends with the numbers and the log of an uninterrupted run."""
+    out = tmp_path / "out"
+    (tmp_path / "kill.py").write_text(KILL_DURING_SAVE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    killed = subprocess.run([sys.executable, tmp_path / "kill.py", ROOT / "finetune.py", *TINY, "--out_dir", out],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9 and common.load_checkpoint(out / "last.pt")["epoch"] == 0
+    _, resumed = run_script("finetune.py", *TINY, "--out_dir", out, "--resume")
+    args, run, device, task, model = start(tmp_path, out="reference")  # uninterrupted
+    common.fit(model, task, args, run, device)
+    reference = common.test_best(model, task, args, run, device)
+    assert resumed["test_score"] == reference["test_score"] and resumed["test_loss"] == reference["test_loss"]
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == run.records()
 
 
 # ---- 3. another run's numbers --------------------------------------------------------------------------------
