@@ -14,7 +14,9 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import random
+import re
 import time
 from pathlib import Path
 
@@ -175,7 +177,7 @@ OFF_OR_POSITIVE = ("max_steps", "decay_epochs")
 
 def validate_args(args):
     """One error line for a flag value that cannot work (a batch size of 0, a negative learning rate, an unknown
-    device), before anything is built; a warning for a flag that will be ignored."""
+    device), before anything is built. Flags that are ignored warn later, where that is known (setup, model_for)."""
     def bad(name, value, rule):
         raise UserError(f"--{name} {value}: must be {rule}; give a valid value (see --help)")
     for name in POSITIVE + NON_NEGATIVE + OFF_OR_POSITIVE:
@@ -830,8 +832,6 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, what="checkpoint", map_location="cpu"):
     """torch.load(weights_only=True): tensors, numbers, strings and containers only. A pickle that names anything
     else (a function to call: the way a crafted file runs code) is refused with one line, as is a truncated file."""
-    import pickle
-    import re
     if not Path(path).exists():
         raise UserError(f"{what} {path} not found; check the path")
     try:
@@ -1101,8 +1101,8 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
                 save_checkpoint(best_state, run.dir / "ckpt.pt")
                 best_state = None
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
-                        "rng": _rng_state()}, last)
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
+                             "rng": _rng_state()}, last)
     if best_state is not None:  # a --max_steps cut: the best epoch seen is still tested
         save_checkpoint(best_state, run.dir / "ckpt.pt")
     return best

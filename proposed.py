@@ -386,7 +386,7 @@ def train_features(model, task, args, device):
 
 def load_stage1(model, path, version):
     """Load a stage-1 file (000: the embedder, 001: the predictor) written by an earlier run."""
-    part, state = "embedder" if version == "000" else "head", None
+    part = "embedder" if version == "000" else "head"
     state = common.load_checkpoint(path, "--embedder_ckpt") if Path(path).exists() else {}
     if not isinstance(state, dict) or part not in state:
         raise common.UserError(f"--embedder_ckpt {path}: no such file or no '{part}' in it; give the "
