@@ -210,20 +210,24 @@ def write_atomic(path, write):
 
 
 def cached(data_dir, task, sources, build):
-    """Arrays built once by build() -> {name: array}, saved under data_dir/cache/ (through a .part folder) and
-    memory-mapped on later runs. Rebuilt when a source file changes size or date."""
+    """Arrays built once by build() -> {name: array}, saved under data_dir/cache/ (through a .part folder of this
+    process, so that two runs building it at once do not mix their files) and memory-mapped on later runs. Rebuilt
+    when a source file changes size or date."""
     stamp = hashlib.md5(repr([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in map(Path, sources)])
                         .encode()).hexdigest()[:8]
     folder = Path(data_dir) / "cache" / f"{task}_{stamp}"
     if not (folder / "done").exists():
-        arrays, tmp = build(), folder.with_name(folder.name + ".part")
+        arrays, tmp = build(), folder.with_name(f"{folder.name}.part{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for key in arrays:
             np.save(tmp / f"{key}.npy", np.asarray(arrays[key]))
         (tmp / "done").touch()
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        if (folder / "done").exists():  # another run finished it meanwhile: keep that one
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
     return {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}
 
 
