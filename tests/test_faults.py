@@ -1,7 +1,7 @@
 """Faults (issue 19): nothing executed, nothing lost, nothing silently wrong. Crafted pickles, torn writes, a shared
 or stale run directory, --resume with other flags, bad flags and bad data, and NaN in every training stage; each
-ends in one `error:` line, never a traceback. In-process on the tiny body (seconds); three subprocess runs check
-what a user sees.
+ends in one `error:` line, never a traceback. In-process on the tiny body (seconds); five subprocess runs check
+what a user sees and what a kill -9 leaves.
 
     python -m pytest tests/test_faults.py -q        # CPU, offline, about a minute
 """
@@ -228,7 +228,8 @@ def test_resumed_log_equals_an_uninterrupted_run(tmp_path):
 def test_bad_flags_give_one_line(flags, named):
     with pytest.raises(UserError) as e:
         finetune.get_args([*TINY, *flags])
-    assert named in one_line(e) and "must be" in one_line(e) or "unknown --device" in one_line(e)
+    message = one_line(e)
+    assert named in message and ("must be" in message or "unknown --device" in message)
 
 
 @pytest.mark.parametrize("script", [orca, pare, mona, proposed, ups])
