@@ -343,7 +343,8 @@ def suite_run(script, task, seed, extra, root, threads):
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"suite run failed: {shlex.join(argv)}\n{proc.stderr[-2000:]}")
-    (out / "argv.json").write_text(json.dumps(argv))
+    from official_data import write_atomic
+    write_atomic(out / "argv.json", lambda tmp: tmp.write_text(json.dumps(argv)))  # never half a file
     return json.loads(done.read_text())
 
 

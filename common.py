@@ -10,10 +10,13 @@ Architecture (ORCA, Shen et al. 2023, §3; orca_pare_reference.md §1):
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 import data
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
+from official_data import write_atomic
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -133,6 +137,7 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
     method_auto(args, task) -> {flag: value}: the method's own data-aware defaults (stage lengths) for the tasks
     that take data-aware defaults; applied to the flags still unset (None)."""
     known, _ = parser.parse_known_args(argv)
+    validate_args(known)  # before any data is read: the flags given, not yet the per-task defaults (all valid)
     defaults = dict(data.task_defaults(known.task))
     defaults.update((method_defaults or {}).get(known.task, {}))
     dests = {a.dest for a in parser._actions}
@@ -165,6 +170,35 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
     return args
 
 
+# flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
+POSITIVE = ("batch_size", "accum", "epochs", "steps", "target_seq_len", "eval_batch_size", "log_interval",
+            "ckpt_every", "lora_rank", "lr", "new_lr_mult")
+NON_NEGATIVE = ("weight_decay", "momentum", "warmup_epochs", "clip", "embed_bias_std")
+OFF_OR_POSITIVE = ("max_steps", "decay_epochs")
+
+
+def validate_args(args):
+    """One error line for a flag value that cannot work (a batch size of 0, a negative learning rate, an unknown
+    device), before anything is built. Flags that are ignored warn later, where that is known (setup, model_for)."""
+    def bad(name, value, rule):
+        raise UserError(f"--{name} {value}: must be {rule}; give a valid value (see --help)")
+    for name in POSITIVE + NON_NEGATIVE + OFF_OR_POSITIVE:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            bad(name, value, "a finite number")
+        if name in POSITIVE and value <= 0:
+            bad(name, value, "> 0")
+        if name in NON_NEGATIVE and value < 0:
+            bad(name, value, ">= 0")
+        if name in OFF_OR_POSITIVE and value != -1 and value <= 0:
+            bad(name, value, "> 0, or -1 (off)")
+    device = getattr(args, "device", "auto")
+    if not (device in ("auto", "cpu", "mps", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"unknown --device {device}; use auto, cpu, cuda, cuda:N or mps")
+
+
 # ---- seeding, device, dtype ----------------------------------------------------------------------------------
 def seed_everything(seed, deterministic=False):
     """Seed python, numpy and torch (all devices); optionally force deterministic kernels."""
@@ -184,7 +218,12 @@ def get_device(name="auto"):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA device is visible; use --device cpu")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible; use "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
         torch.set_float32_matmul_precision("high")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps requested but MPS is not available here; use --device cpu")
     return torch.device(name)
 
 
@@ -596,8 +635,13 @@ def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, b
 def model_for(task, args):
     """build_model with the command line's choices (--body --pretrained --target_seq_len --input_norm
     --embed_bias_std)."""
-    return build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
-                       bias_std=args.embed_bias_std)
+    model = build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
+                        bias_std=args.embed_bias_std)
+    table = model.body.position_table
+    if table is not None and getattr(model.embedder, "num_tokens", 0) > len(table):
+        print(f"warning: {model.embedder.num_tokens} tokens (--target_seq_len {args.target_seq_len}) are more than the "
+              f"{len(table)} pretrained positions of --body {args.body}: the positions start random")
+    return model
 
 
 def load_embedder(model, path, script):
@@ -605,7 +649,7 @@ def load_embedder(model, path, script):
     dict it holds (the embedder's state and how it was made)."""
     if not Path(path).exists():
         raise UserError(f"--embedder_ckpt {path} not found; give the embedder.pt of an earlier {script} run")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, f"--embedder_ckpt of {script}")
     if not isinstance(state, dict) or "embedder" not in state:
         raise UserError(f"{path} is not a {script} embedder.pt (no 'embedder' entry)")
     try:
@@ -781,32 +825,121 @@ def lr_factor(step, warmup_steps, decay_steps):
 
 
 # ---- run directory: config, log, checkpoints, results, plot --------------------------------------------------
+def save_checkpoint(state, path):
+    """torch.save through a temporary file in the same folder and os.replace: a kill mid-write leaves the previous
+    file whole (last.pt stays a valid resume point)."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, what="checkpoint", map_location="cpu"):
+    """torch.load(weights_only=True): tensors, numbers, strings and containers only. A pickle that names anything
+    else (a function to call: the way a crafted file runs code) is refused with one line, as is a truncated file."""
+    if not Path(path).exists():
+        raise UserError(f"{what} {path} not found; check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        found = re.search(r"GLOBAL [\w.]+", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:  # weights_only refused to look up a global: tensors and containers never need one
+            raise UserError(f"{what} {path} holds more than tensors ({found.group(0)}), which could run code when "
+                            f"loaded; refused: load only files written by this project") from None
+        first = next((line for line in str(e).splitlines() if line.strip() and "Weights only" not in line), "")
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}: {first.strip()[:120]}); "
+                        f"it is truncated or not a torch checkpoint: give another file, or delete it and start afresh "
+                        f"(without --resume)") from None
+
+
 class Run:
     """Owns out_dir: config.json, log.jsonl, ckpt.pt (best on validation), last.pt (resume), results.json,
-    curves.png, and the final `FINAL {json}` stdout line."""
+    curves.png, and the final `FINAL {json}` stdout line. Holds an exclusive lock on out_dir/.lock for the life of
+    the process (a second run there is refused); a fresh run removes the files of an earlier one, a --resume run
+    must have the flags of the run it continues."""
+    STALE = ("ckpt.pt", "last.pt", "results.json", "log.jsonl", "curves.png", "embedder.pt", "predictor.pt")
+    # flags that may change on --resume: where and how the run is executed, not what it computes
+    RESUME_FREE = {"resume", "out_dir", "data_dir", "device", "eval_batch_size", "log_interval", "ckpt_every",
+                   "max_steps", "auto_flags", "distortion", "probe_samples", "probe_ckpt", "deterministic"}
 
     def __init__(self, method, args):
         self.method, self.args, self.start = method, args, time.time()
         args.out_dir = args.out_dir or f"runs/{method}_{args.task}_s{args.seed}"
         self.dir = Path(args.out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume and (self.dir / "log.jsonl").exists():
-            (self.dir / "log.jsonl").unlink()  # a fresh run starts a fresh log
-        (self.dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        print("config: " + json.dumps(vars(args), default=str))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make --out_dir {self.dir} ({e.strerror}); give a folder you can write") from None
+        self._lock = open(self.dir / ".lock", "w")  # kept open: the lock lasts as long as this process
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is using --out_dir {self.dir} (it holds {self.dir / '.lock'}); wait for it "
+                            f"to end or give another --out_dir") from None
+        config = json.loads(json.dumps(vars(args), default=str))
+        saved = self.dir / "config.json"
+        if args.resume and saved.exists():
+            try:
+                self.check_resume(saved, config)
+            except UserError:
+                self._lock.close()  # refused: the directory is free again
+                raise
+        elif not args.resume:
+            self.clear()
+        write_atomic(saved, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        print("config: " + json.dumps(config))
+
+    def clear(self):
+        """A fresh run starts from an empty run directory: the files of an earlier run there (its checkpoints, log
+        and results) would otherwise be resumed from, tested or reported as this run's. A stage-1 file given as
+        --embedder_ckpt is kept."""
+        given = getattr(self.args, "embedder_ckpt", None)
+        given = Path(given).resolve() if given else None
+        old = [p for d in [self.dir, *sorted(self.dir.glob("fewshot_*"))] for p in map(d.joinpath, self.STALE)
+               if p.is_file() and p.resolve() != given]
+        for p in old:
+            p.unlink()
+        if old:
+            print(f"fresh run: removed {len(old)} file(s) of an earlier run in {self.dir} (--resume continues one)")
+
+    def check_resume(self, path, config):
+        """--resume continues the schedule saved in last.pt: refuse flags that differ from the saved config.json."""
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"cannot read {path} to check the flags of the run to resume; start afresh (drop "
+                            f"--resume) or give another --out_dir") from None
+        keys = sorted((set(saved) | set(config)) - self.RESUME_FREE)
+        differ = [k for k in keys if saved.get(k) != config.get(k)]
+        if differ:
+            what = ", ".join(f"--{k} {saved.get(k)} (now {config.get(k)})" for k in differ[:6])
+            raise UserError(f"--resume in {self.dir} with other flags than the run it continues: {what}; resume with "
+                            f"that run's flags, or start afresh (drop --resume, or give another --out_dir)")
 
     def log(self, **record):
         with open(self.dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def records(self):
+        """log.jsonl as dicts; a line cut short by a kill is skipped."""
         path = self.dir / "log.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def truncate(self, stage, after_epoch=None):
+        """Drop the log records of `stage` (those of epochs > after_epoch when given): a stage that is redone, or
+        resumed from the end of epoch after_epoch, logs them again, so the log equals an uninterrupted run's."""
+        path = self.dir / "log.jsonl"
+        keep = [r for r in self.records() if r.get("stage") != stage or
+                (after_epoch is not None and r.get("epoch", -1) <= after_epoch)]
+        if path.exists() and len(keep) != len(path.read_text().splitlines()):
+            write_atomic(self.dir / "log.jsonl",
+                         lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def finish(self, results):
         results = dict(method=self.method, task=self.args.task, body=self.args.body, **results,
                        seconds=round(time.time() - self.start, 1), out_dir=str(self.dir))
-        (self.dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_atomic(self.dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
         self.plot()
         print("FINAL " + json.dumps(results))
         return results
@@ -829,7 +962,7 @@ class Run:
             ax.set_title(f"{stage} {key}".strip(), fontsize=9)
             ax.set_xlabel("step")
         fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=90)
+        write_atomic(self.dir / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90))
         plt.close(fig)
 
 
@@ -840,13 +973,31 @@ def epoch_loader(dataset, batch_size, seed, epoch):
 
 
 def _rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """RNG states as tensors, numbers and lists only, so that last.pt loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached], python=[version, list(internal), gauss])
 
 
 def _set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def stop_nonfinite(what, run, fix):
+    """The one-line error of a non-finite loss or weight: the run stops and keeps its checkpoints; the message names
+    those that exist (nothing non-finite is ever written)."""
+    kept = [str(run.dir / n) for n in ("last.pt", "ckpt.pt", "embedder.pt", "predictor.pt") if (run.dir / n).exists()]
+    where = f"kept: {', '.join(kept)}" if kept else "no checkpoint had been written yet"
+    raise UserError(f"{what}; run stopped ({where}); {fix}")
+
+
+def all_finite(params):
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def fit(model, task, args, run, device, compute=None, params=None, stage="finetune"):
@@ -867,6 +1018,9 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     optimizer = make_optimizer(param_groups(model, params, args.lr, getattr(args, "new_lr_mult", 1.0)),
                                args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = math.ceil(len(task.train) / args.batch_size)
+    if args.accum > batches:  # the trailing partial accumulation is dropped: no step would ever be taken
+        raise UserError(f"--accum {args.accum} is more than the {batches} batches of an epoch, so no optimiser step "
+                        f"would be taken; lower --accum or --batch_size")
     steps_per_epoch = max(1, batches // args.accum)
     if getattr(args, "steps", None) and not getattr(args, "auto_task", False):  # --steps on a fixed-config task
         args.epochs = math.ceil(args.steps / steps_per_epoch)
@@ -881,13 +1035,16 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     start_epoch, step, best, best_state = 0, 0, math.inf, None
     last = run.dir / "last.pt"
     if args.resume and last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = load_checkpoint(last, "resume point")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
         _set_rng_state(state["rng"])
         print(f"resumed from {last} at epoch {start_epoch}")
+        run.truncate(stage, after_epoch=state["epoch"])  # the records of a partial epoch are logged again
+    else:
+        run.truncate(stage)
     total = args.epochs * steps_per_epoch if args.max_steps < 0 else min(args.max_steps, args.epochs * steps_per_epoch)
     from tqdm import tqdm
     for epoch in range(start_epoch, args.epochs):
@@ -902,8 +1059,8 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
             with ctx:
                 loss, extra = compute(model, x, y, epoch)
             if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; run stopped. The "
-                                f"last good checkpoint is kept in {last}; lower --lr or use --dtype float32")
+                stop_nonfinite(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}", run,
+                               "lower --lr (or use --dtype float32) and start afresh")
             scaler.scale(loss).backward()
             if (i + 1) % args.accum:
                 continue  # accumulate (a trailing partial accumulation is dropped, as in the official code)
@@ -925,6 +1082,9 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
             if step >= total:
                 break
         complete = i + 1 == len(loader)  # False when --max_steps cut the epoch short
+        if not all_finite(params):  # a finite loss with a non-finite gradient: stop before evaluating or saving
+            stop_nonfinite(f"non-finite weights after epoch {epoch} step {step}", run,
+                           "lower --lr (or set --clip 1) and start afresh")
         if len(task.val):
             val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)
             if select == "best" and val["score"] < best:
@@ -940,13 +1100,13 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
             if select == "last":
                 best_state = {"model": model.state_dict(), "epoch": epoch, "val_score": None}
             if best_state is not None:
-                torch.save(best_state, run.dir / "ckpt.pt")
+                save_checkpoint(best_state, run.dir / "ckpt.pt")
                 best_state = None
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
-                        "rng": _rng_state()}, last)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
+                             "rng": _rng_state()}, last)
     if best_state is not None:  # a --max_steps cut: the best epoch seen is still tested
-        torch.save(best_state, run.dir / "ckpt.pt")
+        save_checkpoint(best_state, run.dir / "ckpt.pt")
     return best
 
 
@@ -962,7 +1122,7 @@ def test_best(model, task, args, run, device):
     ctx, _ = autocast_context(device, args.dtype)
     ckpt = run.dir / "ckpt.pt"
     if ckpt.exists():
-        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(ckpt, "checkpoint", device)["model"])
     val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)["score"] if len(task.val) else None
     test = evaluate(model, task, task.test, args.eval_batch_size, device, ctx)
     return {"metric": task.metric, "test_score": test["score"], "val_score": val, "test_loss": test["loss"]}
@@ -972,4 +1132,6 @@ def setup(method, args):
     """Common start of every method script: seed, device, run directory. Returns (run, device)."""
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
+    if device.type == "cpu" and args.dtype in ("float16", "bfloat16"):
+        print(f"warning: --dtype {args.dtype} is ignored on the CPU (autocast runs in float32 there)")
     return Run(method, args), device

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import official_data
 from errors import UserError
-from official_data import fetch, read
+from official_data import fetch, read, write_atomic
 
 
 @dataclass
@@ -253,18 +253,29 @@ def make_task(name, kind, loss, metric, x_train, y_train, x_test, y_test, x_val=
     x: (N, C, L) or (N, C, H, W), any array-like; transform / augment: see ArrayDataset. min_val: no validation
     split is carved when it would hold fewer samples or leave a class with fewer than 4 training samples (then every
     training sample trains and the last epoch is tested)."""
-    if kind == "classification" and num_classes is None:
+    guessed = kind == "classification" and num_classes is None
+    if guessed:
         num_classes = int(max(y_train.max(), y_test.max())) + 1
     if check:
         for x, y in ((x_train, y_train), (x_test, y_test)) + (((x_val, y_val),) if x_val is not None else ()):
             check_arrays(name, x, y, kind, num_classes)
+    if guessed and num_classes > 1000:  # labels {0, 10^7} would build a head of 10^7 outputs
+        distinct = len(np.unique(np.concatenate([np.asarray(y_train), np.asarray(y_test)])))
+        if num_classes > 2 * distinct:
+            raise UserError(f"task '{name}': labels run up to {num_classes - 1} but only {distinct} distinct values "
+                            f"occur (the head would have {num_classes} outputs); relabel them to 0..C-1, e.g. "
+                            f"np.unique(y, return_inverse=True)[1]")
     train_idx = val_idx = None
     if x_val is None:
         train_idx, val_idx = val_index(y_train, val_fraction, kind == "classification")
-        few = kind == "classification" and np.bincount(np.asarray(y_train)[train_idx]).min() < 4
+        few = kind == "classification" and (len(train_idx) == 0 or
+                                             np.bincount(np.asarray(y_train)[train_idx]).min() < 4)
         if min_val and (len(val_idx) < min_val or few):  # too small to rank epochs, or classes left with < 4
             train_idx, val_idx = np.arange(len(y_train)), np.arange(0)
         x_val, y_val = x_train, y_train
+        if len(train_idx) == 0:
+            raise UserError(f"task '{name}': no training sample is left after carving the validation split from "
+                            f"{len(y_train)}; give more training samples, or a validation split of its own")
     ydtype = torch.long if kind == "classification" else torch.float32
     sets = [ArrayDataset(x_train, y_train, train_idx, transform, augment, ydtype),
             ArrayDataset(x_val, y_val, val_idx, transform, None, ydtype),
@@ -345,18 +356,21 @@ def _burgers(data_dir, n_train=800, n_test=200, n=128, seed=0):
     """Initial state -> state at t=0.5 of 1D viscous Burgers (nu=0.01), the PDEBench task form at CPU size.
     Initial conditions: random sums of 4 sine modes with 1/k amplitudes. Cached as an .npz in data_dir."""
     path = Path(data_dir) / "burgers" / f"burgers_n{n}_{n_train}_{n_test}_s{seed}.npz"
-    if not path.exists():
+    try:
+        with np.load(path) as d:
+            u0, u1 = d["u0"], d["u1"]
+    except Exception as e:  # not solved yet, or unreadable (written in place by an older version): solve it
+        if path.exists():
+            print(f"warning: cache {path} cannot be read ({type(e).__name__}); solving it again")
         rng = np.random.RandomState(seed)
         x = np.linspace(0, 1, n, endpoint=False)
         kk = np.arange(1, 5)
         amp = rng.randn(n_train + n_test, 4) / kk
         phase = rng.rand(n_train + n_test, 4) * 2 * np.pi
         u0 = (amp[:, :, None] * np.sin(2 * np.pi * kk[None, :, None] * x + phase[:, :, None])).sum(1)
-        u1 = solve_burgers(u0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, u0=u0.astype(np.float32), u1=u1.astype(np.float32))
-    d = np.load(path)
-    u0, u1 = d["u0"][:, None], d["u1"][:, None]
+        u0, u1 = u0.astype(np.float32), solve_burgers(u0).astype(np.float32)
+        write_atomic(path, lambda tmp: np.savez(tmp, u0=u0, u1=u1))  # a kill mid-write leaves no half cache
+    u0, u1 = u0[:, None], u1[:, None]
     return u0[:n_train], u1[:n_train], u0[n_train:], u1[n_train:]
 
 
@@ -404,6 +418,21 @@ def _custom(data_path, kind=None):
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d]
     if missing:
         raise UserError(f"task 'custom': {data_path} lacks arrays {missing}; it has {sorted(d)}")
+    if ("x_val" in d) != ("y_val" in d):
+        raise UserError(f"task 'custom': {data_path} has {'x_val' if 'x_val' in d else 'y_val'} without "
+                        f"{'y_val' if 'x_val' in d else 'x_val'}; give both, or neither (validation is then carved)")
+    d = {k: v for k, v in d.items() if k[:2] in ("x_", "y_")}
+    for key, a in d.items():
+        if a.ndim == 0 or a.dtype.kind not in "biuf":
+            raise UserError(f"task 'custom': {key} in {data_path} is {'a scalar' if a.ndim == 0 else a.dtype}, not an "
+                            f"array of numbers (N, ...); save numeric arrays (string labels: np.unique(y, "
+                            f"return_inverse=True)[1])")
+        if len(a) == 0:
+            raise UserError(f"task 'custom': {key} in {data_path} is empty; every split needs samples")
+    for key in [k for k in d if k.startswith("y_")]:
+        if d[key].dtype == bool:
+            raise UserError(f"task 'custom': {key} is boolean; save class ids as integers (y.astype(int)), or "
+                            f"multi-label targets as floats")
     for key in [k for k in d if k.startswith("x_")]:
         if d[key].ndim not in (3, 4):
             raise UserError(f"task 'custom': {key} has shape {d[key].shape}; expected (N, C, L) for signals or "
@@ -411,11 +440,20 @@ def _custom(data_path, kind=None):
         ykey = "y" + key[1:]
         if ykey in d and len(d[ykey]) != len(d[key]):
             raise UserError(f"task 'custom': {key} has {len(d[key])} samples but {ykey} has {len(d[ykey])}")
-    if d["x_train"].shape[1:] != d["x_test"].shape[1:]:
-        raise UserError(f"task 'custom': x_train {d['x_train'].shape} and x_test {d['x_test'].shape} differ in shape")
+    for split in [s for s in ("test", "val") if f"x_{s}" in d]:
+        for a in "xy":
+            if d[f"{a}_train"].shape[1:] != d[f"{a}_{split}"].shape[1:]:
+                raise UserError(f"task 'custom': {a}_train {d[f'{a}_train'].shape} and {a}_{split} "
+                                f"{d[f'{a}_{split}'].shape} differ in shape after the sample axis; make them agree")
     y = d["y_train"]
     kind = kind or ("classification" if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else
                     "dense" if y.ndim >= 3 else "regression")
+    if kind == "dense" and y.ndim != d["x_train"].ndim:
+        raise UserError(f"task 'custom': dense targets y_train {y.shape} must have the layout of x_train "
+                        f"{d['x_train'].shape}: (N, C_out, L) for signals, (N, C_out, H, W) for images")
+    if kind == "regression" and y.ndim == 1 and np.array_equal(y, np.round(y)):
+        print("warning: task 'custom': y_train holds whole numbers as floats, taken as regression targets (mse); "
+              "save class ids as integers (y.astype(int)) for classification")
     loss, metric = {"classification": ("ce", "error"), "dense": ("nrmse", "nrmse"),
                     "regression": ("mse", "mse"), "multilabel": ("bce", "1-auroc")}[kind]
     return kind, loss, metric, d
@@ -570,12 +608,14 @@ def source_features(name, body, body_key, data_dir="./datasets", n=5000, seed=0)
     key = hashlib.md5(f"{name}|{body_key}|{n}|{seed}".encode()).hexdigest()[:10]
     path = Path(data_dir) / "source_cache" / f"{name}_{key}.pt"
     if path.exists():
-        return torch.load(path)
+        try:  # tensors only (weights_only): a cache file is never a way to run code
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # unreadable (an older version of this code wrote caches in place): rebuild it
+            print(f"warning: source cache {path} cannot be read ({type(e).__name__}); rebuilding it")
     ds = load_source(name, body, data_dir, n, seed)
     feats = torch.cat([embed_source(body, x).mean(1).float().cpu() for x, _ in
                        torch.utils.data.DataLoader(ds, batch_size=64)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save((feats, ds.tensors[1]), path)
+    write_atomic(path, lambda tmp: torch.save((feats, ds.tensors[1]), tmp))  # a kill mid-write leaves no half file
     return feats, ds.tensors[1]
 
 

@@ -183,8 +183,7 @@ def meta_step(model, optimizer, task, x, y, src_tokens, src_y, args):
     # task, "to prevent the embedder from overly focusing on source modality" (slide 38)
     total = args.outer_weight * outer + inner
     if not torch.isfinite(total):
-        raise common.UserError(f"non-finite meta loss (inner {inner.item()}, outer {outer.item()}); lower --inner_lr "
-                               f"or --outer_lr")
+        raise FloatingPointError(f"non-finite meta loss (inner {inner.item()}, outer {outer.item()})")
     # autograd.grad over phi_e only, not backward(): the encoder and head never receive a .grad in stage 1, so no
     # optimiser can move them by accident (the update of theta was only virtual)
     phi = [p for p in model.embedder.parameters() if p.requires_grad]
@@ -192,6 +191,8 @@ def meta_step(model, optimizer, task, x, y, src_tokens, src_y, args):
         p.grad = g
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if not common.all_finite(phi):
+        raise FloatingPointError(f"non-finite embedder weights (meta loss {total.item():.4g})")
     return dict(inner=inner.item(), outer=outer.item(), align=align.item(), uniform=uniform.item(), total=total.item())
 
 
@@ -215,12 +216,17 @@ def train_embedder(model, task, source_set, steps, args, run, device):
     source_it = batches(source_set, args.source_batch_size, args.seed + 13, drop_last=True)
     model.train()
     t0, losses = time.time(), {}
+    run.truncate("meta")  # a stage 1 redone after a kill logs its steps again
     for step in range(1, steps + 1):
         x, y = next(target_it)
         src_x, src_y = next(source_it)
         src_tokens = data.embed_source(model.body, src_x.to(device))  # frozen source embedder, no grad
-        with ctx:
-            losses = meta_step(model, optimizer, task, x.to(device), y.to(device), src_tokens, src_y.to(device), args)
+        try:
+            with ctx:
+                losses = meta_step(model, optimizer, task, x.to(device), y.to(device), src_tokens, src_y.to(device),
+                                   args)
+        except FloatingPointError as e:  # nothing non-finite reaches embedder.pt
+            common.stop_nonfinite(f"{e} at meta step {step}", run, "lower --inner_lr or --outer_lr and start afresh")
         if step % args.log_interval == 0 or step == steps:
             ms = (time.time() - t0) * 1000 / step
             print(f"meta step {step}/{steps} | inner {losses['inner']:.4f} | outer {losses['outer']:.4f} | align "
@@ -262,7 +268,10 @@ if __name__ == "__main__":
         source_set = data.load_source(data.default_source(body, args.data_dir) if args.source in ("auto", "none")
                                       else args.source, body, args.data_dir)
         before = linear_probe(body, source_set, args.probe_samples, args.seed, device)
-        state = torch.load(args.probe_ckpt, map_location=device, weights_only=False)["model"]
+        state = common.load_checkpoint(args.probe_ckpt, "--probe_ckpt", device)
+        if not isinstance(state, dict) or "model" not in state:
+            raise common.UserError(f"--probe_ckpt {args.probe_ckpt} has no 'model' entry; give a ckpt.pt of a run")
+        state = state["model"]
         body.load_state_dict({k[len("body."):]: v for k, v in state.items() if k.startswith("body.")})
         after = linear_probe(body, source_set, args.probe_samples, args.seed, device)
         probe = dict(ckpt=args.probe_ckpt, probe_before=before, probe_after=after, distortion=before - after)
@@ -317,7 +326,7 @@ if __name__ == "__main__":
         stage1.update(meta_seconds=round(time.time() - t0, 1), **{f"meta_{k}": v for k, v in last.items()})
     else:
         print("stage 1 skipped (--meta_steps 0 or --source none): plain fine-tuning")
-    torch.save(dict(embedder=model.embedder.state_dict(), **stage1), emb_path)  # reusable with --embedder_ckpt
+    common.save_checkpoint(dict(embedder=model.embedder.state_dict(), **stage1), emb_path)  # for --embedder_ckpt
 
     # stage 2: full fine-tuning from phi_e and theta_f0 (Algorithm 1, Eq. 1), the same loop as finetune.py; with
     # --resume it continues from last.pt, so a run killed in stage 2 does not redo stage 1

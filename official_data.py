@@ -152,26 +152,82 @@ def read(task, path, parse):
                         f"truncated or not in the expected format: delete it and get it again") from None
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that rebuilds numpy arrays and plain containers only. A pickle runs whatever callable it
+    names while it loads (os.system, eval, ...); the official files name nothing but these, so any other name is
+    refused before it is called."""
+    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str",
+                                         "int", "float", "complex", "bool")} | {
+        (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")} | {
+        (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+
+    def find_class(self, module, name):
+        module = "builtins" if module == "__builtin__" else module  # Python 2 pickles (PSICOV, CIFAR)
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: the file asks to run code, not only to "
+                                         f"hold arrays (a tampered or foreign file)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path, **kw):
+    """pickle.load through SafeUnpickler (arrays and containers only); a gzip file when the path ends in .gz."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        return SafeUnpickler(f, **kw).load()
+
+
+def load_npy(path, encoding="ASCII"):
+    """np.load of a .npy file without pickle; an object array (a pickled dict or tuple, as the NB360 files are)
+    is read through SafeUnpickler instead of np.load(allow_pickle=True), which would run any code it names."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
     with open(path, "rb") as f:
-        return pickle.load(f, **kw)
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        return SafeUnpickler(f, encoding=encoding).load()
+
+
+def atomic_path(path):
+    """A temporary name in the folder of `path`, with the same suffix (np.save / np.savez append theirs): write
+    there, then os.replace(tmp, path), so that a kill mid-write never leaves a half file under the real name."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_atomic(path, write):
+    """write(tmp) then os.replace(tmp, path); the temporary file is removed when write fails."""
+    tmp = atomic_path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def cached(data_dir, task, sources, build):
-    """Arrays built once by build() -> {name: array}, saved under data_dir/cache/ (through a .part folder) and
-    memory-mapped on later runs. Rebuilt when a source file changes size or date."""
+    """Arrays built once by build() -> {name: array}, saved under data_dir/cache/ (through a .part folder of this
+    process, so that two runs building it at once do not mix their files) and memory-mapped on later runs. Rebuilt
+    when a source file changes size or date."""
     stamp = hashlib.md5(repr([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in map(Path, sources)])
                         .encode()).hexdigest()[:8]
     folder = Path(data_dir) / "cache" / f"{task}_{stamp}"
     if not (folder / "done").exists():
-        arrays, tmp = build(), folder.with_name(folder.name + ".part")
+        arrays, tmp = build(), folder.with_name(f"{folder.name}.part{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for key in arrays:
             np.save(tmp / f"{key}.npy", np.asarray(arrays[key]))
         (tmp / "done").touch()
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        if (folder / "done").exists():  # another run finished it meanwhile: keep that one
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
     return {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}
 
 
@@ -227,7 +283,7 @@ def _spherical(name, data_dir):
     src = fetch(name, data_dir, "s2_cifar100.gz", S3 + "spherical/s2_cifar100.gz", home=NB360)
 
     def parse(path):
-        d = pickle.load(gzip.open(path, "rb"))
+        d = _unpickle(path)
         return {f"{k}_{s}": expect_ndim(name, path, np.asarray(d[s]["images"]), 4, "images (N, 3, 60, 60)") if k == "x"
                 else np.asarray(d[s]["labels"], np.int64) for s in ("train", "test") for k in ("x", "y")}
     return dict(cached(data_dir, name, [src], lambda: read(name, src, parse)), transform=lambda t: t / 255.0)
@@ -298,7 +354,7 @@ class PsicovDataset(Dataset):
         return x
 
     def _distance(self, pid):
-        _, _, cb = read(self.task, self._file("distance", f"{pid}-cb.npy"), lambda p: np.load(p, allow_pickle=True))
+        _, _, cb = read(self.task, self._file("distance", f"{pid}-cb.npy"), lambda p: load_npy(p, encoding="latin1"))
         y = np.array(cb, np.float32)
         with np.errstate(invalid="ignore"):
             y[y < 1.0] = 1.0
@@ -389,13 +445,14 @@ def _cosmic(name, data_dir):
                                S3 + f"cosmic/deepCR.ACS-WFC.{split}.tar", home=NB360), base)
         files = sorted(p for p in base.glob(f"**/npy_{split}/f435w/*/*/*.npy") if p.name != "sky.npy"
                        and f"{p.parent.parent.name}_{p.parent.name}" in COSMIC_GALAXY_FIELDS)
-        np.save(lst, ["./" + str(p.relative_to(Path(data_dir))) for p in files])  # as preprocess_cosmic.py does
+        names = ["./" + str(p.relative_to(Path(data_dir))) for p in files]
+        write_atomic(lst, lambda t: np.save(t, names))  # as preprocess_cosmic.py does
     sky_of = functools.lru_cache(None)(lambda folder: np.load(folder / "sky.npy") if (folder / "sky.npy").exists()
                                        else None)
 
     def load_split(lst):
         images, masks, skies = [], [], []
-        for rel in read(name, lst, lambda p: np.load(p, allow_pickle=True)):
+        for rel in read(name, lst, load_npy):
             path = Path(data_dir) / str(rel).removeprefix("./")
             d = read(name, path, lambda p: expect_ndim(name, p, np.load(p), 3, "(2 or 3, H, W)"))[:, 64:192, 64:192]
             images.append(d[0])
@@ -419,7 +476,7 @@ def _ninapro(name, data_dir):
     (the official code merges it into training)."""
     def get(kind, split):
         path = fetch(name, data_dir, f"ninaPro/{kind}_{split}.npy", S3 + f"ninapro/{kind}_{split}.npy", home=NB360)
-        return read(name, path, lambda p: np.load(p, encoding="bytes", allow_pickle=True))
+        return read(name, path, lambda p: load_npy(p, encoding="bytes"))
     x = {s: expect_ndim(name, f"ninapro_{s}.npy", get("ninapro", s), 3, "(N, 52, 16)").astype(np.float32)
          .transpose(0, 2, 1)[:, None] for s in ("train", "val", "test")}
     y = {s: get("label", s).astype(np.int64) for s in ("train", "val", "test")}
@@ -477,7 +534,7 @@ def _ecg(name, data_dir):
 def _satellite(name, data_dir):
     """Satellite image time series: pickled dicts {'data': (N, 46), 'label': 1..24} -> (N, 1, 46), labels - 1."""
     def parse(path):
-        d = np.load(path, allow_pickle=True)[()]
+        d = load_npy(path)[()]
         return expect_ndim(name, path, np.asarray(d["data"], np.float32), 2, "data (N, 46)")[:, None], \
             np.asarray(d["label"]).astype(np.int64) - 1
     out = {}

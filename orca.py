@@ -146,6 +146,8 @@ def weighted_distance(model, dataset, groups, weights, distance, n_take, generat
         # body never runs in stage 2 (the official wrapper's output_raw=True).
         x = data.take(dataset, idx.tolist())[0]  # reads only these samples (large tasks stay on disk)
         features = model.embed(x.to(device)).float().mean(1)
+        if not torch.isfinite(features).all():  # a diverged embedder: the caller stops the run (otdd.py would raise)
+            return math.nan
         value = weights[c] * distance(features, generator)
         if backward:
             value.backward()
@@ -178,15 +180,19 @@ def align_embedder(model, dataset, labels, src_x, src_y, args, run, device):
     print(f"stage 2: {len(groups)} classes, {n_take} points per class, {len(src_x)} source points, "
           f"{args.objective} before {before:.4f}, embedder lr {embedder_lr(args.lr):.1e}")
     model.train()
+    run.truncate("align")  # a stage 2 redone after a kill logs its steps again
     for step in range(1, args.embedder_epochs + 1):
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
         # METHOD: ONE optimiser step per embedder "epoch", on gradients accumulated over all classes
         value = weighted_distance(model, dataset, groups, weights, distance, n_take, generator, device, backward=True)
         if not math.isfinite(value):
-            raise common.UserError(f"non-finite {args.objective} ({value}) at embedder step {step}; lower --lr or "
-                                   f"raise --eps")
+            common.stop_nonfinite(f"non-finite {args.objective} ({value}) at embedder step {step}", run,
+                                  "lower --lr or raise --eps, and start afresh")
         optimizer.step()
+        if not common.all_finite(params):  # NaN weights would next fail inside otdd.py; nothing NaN is saved
+            common.stop_nonfinite(f"non-finite embedder weights after embedder step {step}", run,
+                                  "lower --lr or raise --eps, and start afresh")
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         print(f"align step {step}/{args.embedder_epochs} | {key} {value:.4f} | lr {lr:.1e} | "
@@ -249,7 +255,7 @@ if __name__ == "__main__":
     else:
         align["embedder_epochs"] = 0
         print("stage 2 skipped (--embedder_epochs 0 or --source none): plain fine-tuning")
-    torch.save(dict(embedder=model.embedder.state_dict(), **align), emb_path)  # reusable with --embedder_ckpt
+    common.save_checkpoint(dict(embedder=model.embedder.state_dict(), **align), emb_path)  # for --embedder_ckpt
 
     # stage 3: fine-tune, the same loop as finetune.py. ORCA trains everything; --freeze keeps parts fixed to ask what
     # the aligned embedder and the pretrained body each contribute (Garcia-de-Herreros et al. 2024, question 3).

@@ -182,7 +182,9 @@ def keep_probability(predictor, d, d_tilde, kind, C=0.0):
 def contrastive_stage(dataset, encode, params, task, args, run, device, keep_fn=None, stats=None):
     """METHOD: stage 1: K*T noisy copies of each clean batch keep their labels (step 1); contrastive loss on z =
     encode(copies) (step 2), only `params` trained. dataset yields ((x, y), (group,)); keep_fn(clean, noisy) -> P_l."""
+    params = list(params)
     optimizer = common.make_optimizer(params, "adamw", args.contrastive_lr)
+    run.truncate("contrastive")  # a stage 1 redone after a kill logs its steps again
     generator = torch.Generator().manual_seed(args.seed)
     step, total = 0, args.contrastive_epochs * math.ceil(len(dataset) / args.batch_size)
     for epoch in range(args.contrastive_epochs):
@@ -194,9 +196,15 @@ def contrastive_stage(dataset, encode, params, task, args, run, device, keep_fn=
             correlation = label_correlation(label_vectors(task, y)[origin], args.label_corr)
             lam = contrastive_weights(group[origin], correlation, args.lambda_eps)
             loss = contrastive_loss(similarity(encode(noisy), args.similarity, args.tau), group[origin], lam, keep)
+            if not torch.isfinite(loss):  # nothing non-finite reaches the stage-1 file
+                common.stop_nonfinite(f"non-finite contrastive loss ({loss.item()}) at step {step}", run,
+                                      "lower --contrastive_lr or raise --tau, and start afresh")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not common.all_finite(params):
+                common.stop_nonfinite(f"non-finite weights after contrastive step {step}", run,
+                                      "lower --contrastive_lr and start afresh")
             step += 1
             if step % args.log_interval == 0 or step == total:
                 print(f"contrastive step {step}/{total} | epoch {epoch} | loss {loss.item():.4f} | M {len(noisy)}")
@@ -378,8 +386,9 @@ def train_features(model, task, args, device):
 
 def load_stage1(model, path, version):
     """Load a stage-1 file (000: the embedder, 001: the predictor) written by an earlier run."""
-    part, state = "embedder" if version == "000" else "head", None
-    if not Path(path).exists() or part not in (state := torch.load(path, map_location="cpu", weights_only=False)):
+    part = "embedder" if version == "000" else "head"
+    state = common.load_checkpoint(path, "--embedder_ckpt") if Path(path).exists() else {}
+    if not isinstance(state, dict) or part not in state:
         raise common.UserError(f"--embedder_ckpt {path}: no such file or no '{part}' in it; give the "
                                f"{STAGE1_FILE[version]} of a --version {version} run")
     getattr(model, part).load_state_dict(state[part])
@@ -413,7 +422,7 @@ if __name__ == "__main__":
         dataset = torch.utils.data.StackDataset(task.train, TensorDataset(groups))
         model.train()
         contrastive_stage(dataset, encode, model.embedder.parameters(), task, args, run, device, stats=stats)
-        torch.save(dict(embedder=model.embedder.state_dict(), version="000"), stage1_path)
+        common.save_checkpoint(dict(embedder=model.embedder.state_dict(), version="000"), stage1_path)
     elif args.contrastive_epochs > 0 and not any(p.requires_grad for p in model.head.parameters()):
         print("stage 1 skipped: the predictor h has no parameters (the 1D dense head is parameter-free)")
     elif args.contrastive_epochs > 0:
@@ -425,7 +434,7 @@ if __name__ == "__main__":
         keep_fn = lambda d, d_noisy: keep_probability(predictor, d, d_noisy, task.kind, args.pl_c)
         keep_fn = keep_fn if args.keep_prob else None
         contrastive_stage(dataset, predictor, model.head.parameters(), task, args, run, device, keep_fn, stats)
-        torch.save(dict(head=model.head.state_dict(), version="001"), stage1_path)
+        common.save_checkpoint(dict(head=model.head.state_dict(), version="001"), stage1_path)
 
     # ---- stage 2 (000): patch-replacement fine-tuning; stage 3 (001): fine-tuning with embedder options ----
     torch.manual_seed(args.seed + 2)  # extra modules start the same whether or not stage 1 ran (exact --resume)

@@ -93,6 +93,7 @@ def get_args(argv=None):
     for k, v in common.FIXED_DEFAULTS.items():  # UPS keeps the official fine-tuning recipe: full, no input norm
         if getattr(args, k) is None:
             setattr(args, k, v)
+    common.validate_args(args)
     args.ckpt_every = args.ckpt_every or max(1, args.epochs // 20)
     args.decay_epochs = args.epochs if args.decay_epochs < 0 else args.decay_epochs
     if not 1 <= args.modes <= args.size // 2:
@@ -193,14 +194,17 @@ def family_trajectories(name, split, num, data_dir):
                                    f"yet; use the offline families ({DEFAULT_FAMILIES['offline']})")
         return data.pde_trajectories(name, split, num, data_dir, f["n"])
     path = Path(data_dir) / "ups" / f"{name}_{split}{num}.npy"
-    if not path.exists():
-        rng = np.random.RandomState(zlib.crc32(f"{name}|{split}".encode()))  # the data do not depend on --seed
-        traj = f["solve"](rng, num, f).astype(np.float32)
-        if not np.isfinite(traj).all():
-            raise common.UserError(f"family '{name}': the solver produced NaN/inf; check its coefficients")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, traj)
-    return np.load(path)
+    if path.exists():
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:  # written in place by an older version and cut short: solve again
+            print(f"warning: cache {path} cannot be read ({type(e).__name__}); solving it again")
+    rng = np.random.RandomState(zlib.crc32(f"{name}|{split}".encode()))  # the data do not depend on --seed
+    traj = f["solve"](rng, num, f).astype(np.float32)
+    if not np.isfinite(traj).all():
+        raise common.UserError(f"family '{name}': the solver produced NaN/inf; check its coefficients")
+    common.write_atomic(path, lambda tmp: np.save(tmp, traj))  # a kill mid-write leaves no half cache
+    return traj
 
 
 # ---- the unified representation ------------------------------------------------------------------------------
@@ -395,29 +399,38 @@ def align_embedder(model, task, args, run, device):
     params = list(model.embedder.parameters())
     optimizer = common.make_optimizer(params, args.optimizer, args.align_lr, args.weight_decay)
     step, gen = 0, torch.Generator().manual_seed(args.seed)
+    run.truncate("align")  # a stage 1 redone after a kill logs its steps again
     for epoch in range(args.align_epochs):
         for x, y in common.epoch_loader(task.train, args.align_batch, args.seed, 10_000 + epoch):
             tokens, fno_pred, _, fam = model.embed(x.to(device), with_fno=True)
             fno_loss = common.compute_loss("nrmse", fno_pred, y.to(device))
             pooled = tokens.mean(1)  # (B, D), as the official feats2.mean(1)
+            if not torch.isfinite(pooled).all():  # a diverged embedder: stop here, not inside otdd.py
+                common.stop_nonfinite(f"non-finite embedder output at stage-1 step {step}", run,
+                                      "lower --align_lr and start afresh")
             if args.align_objective == "mmd":  # official MMD_loss: as many source rows, drawn with replacement
                 align = otdd.mmd(src_x[torch.randint(len(src_x), (len(pooled),), generator=gen)], pooled)
             else:
                 align = distance(pooled, fam) if distance else torch.zeros((), device=device)
             loss = fno_loss + align
-            if not torch.isfinite(loss):
-                raise common.UserError(f"non-finite stage-1 loss at step {step}; lower --align_lr")
+            if not torch.isfinite(loss):  # nothing non-finite reaches embedder.pt
+                common.stop_nonfinite(f"non-finite stage-1 loss at step {step}", run,
+                                      "lower --align_lr and start afresh")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.clip)
             optimizer.step()
+            if not common.all_finite(params):
+                common.stop_nonfinite(f"non-finite embedder weights at stage-1 step {step}", run,
+                                      "lower --align_lr and start afresh")
             step += 1
         print(f"align epoch {epoch} | loss {loss.item():.4f} | fno_nrmse {fno_loss.item():.4f} | "
               f"{args.align_objective} {align.item():.4f}")
         run.log(stage="align", step=step, epoch=epoch, loss=loss.item(), fno_nrmse=fno_loss.item(),
                 align=align.item())
-    torch.save(dict(embedder=model.embedder.state_dict(), objective=args.align_objective), run.dir / "embedder.pt")
+    common.save_checkpoint(dict(embedder=model.embedder.state_dict(), objective=args.align_objective),
+                           run.dir / "embedder.pt")
 
 
 # ---- evaluation: one step and autoregressive rollout ---------------------------------------------------------
@@ -468,13 +481,13 @@ if __name__ == "__main__":
 
     # METHOD: stage 1, align the embedder, body frozen
     if args.resume and (run.dir / "embedder.pt").exists():
-        model.embedder.load_state_dict(torch.load(run.dir / "embedder.pt")["embedder"])
+        model.embedder.load_state_dict(common.load_checkpoint(run.dir / "embedder.pt", "stage-1 file")["embedder"])
     elif args.align_epochs > 0:
         align_embedder(model, task, args, run, device)
 
     # METHOD: stage 2, one model for all families, next-step masked nRMSE, the shared loop; then per-family test
     val_score = common.fit(model, task, args, run, device)
-    model.load_state_dict(torch.load(run.dir / "ckpt.pt", map_location=device)["model"])
+    model.load_state_dict(common.load_checkpoint(run.dir / "ckpt.pt", "checkpoint", device)["model"])
     results = {f: evaluate_family(model, splits[f]["test"], FAMILIES[f], table.index(f), args.size, device)
                for f in families}
     for f, r in results.items():
@@ -493,10 +506,10 @@ if __name__ == "__main__":
                   zero_shot=evaluate_family(model, splits[fewshot]["test"], spec, fid, args.size, device))
         scratch = UPSModel(common.build_body(args.body, pretrained=False), specs, args).to(device)
         for key, candidate in (("ups", model), ("scratch", scratch)):
-            fs_run = types.SimpleNamespace(dir=run.dir / f"fewshot_{key}", log=run.log)  # fit needs .dir and .log
+            fs_run = types.SimpleNamespace(dir=run.dir / f"fewshot_{key}", log=run.log, truncate=run.truncate)
             fs_run.dir.mkdir(exist_ok=True)
             common.fit(candidate, fs_task, fs_args, fs_run, device, stage=f"fewshot_{key}")
-            candidate.load_state_dict(torch.load(fs_run.dir / "ckpt.pt", map_location=device)["model"])
+            candidate.load_state_dict(common.load_checkpoint(fs_run.dir / "ckpt.pt", "checkpoint", device)["model"])
             fs[key] = evaluate_family(candidate, splits[fewshot]["test"], spec, fid, args.size, device)
             print(f"fewshot {fewshot} {key} | " + " | ".join(f"{k} {v:.4f}" for k, v in fs[key].items()))
 
