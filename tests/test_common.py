@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 import common
+import models
 import data
 
 
@@ -19,14 +20,14 @@ import data
 def _bert_tiny():
     from transformers import BertConfig, BertModel
     cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-    return common._wrap_hf_text(BertModel(cfg))
+    return models._wrap_hf_text(BertModel(cfg))
 
 
 def _roberta_tiny():
     from transformers import RobertaConfig, RobertaModel
     cfg = RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                         vocab_size=99, max_position_embeddings=130)
-    return common._wrap_hf_text(RobertaModel(cfg))
+    return models._wrap_hf_text(RobertaModel(cfg))
 
 
 def _swin_tiny():  # Swin-base's layout at toy width: random weights, no download
