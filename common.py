@@ -27,7 +27,7 @@ import data
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 from official_data import write_atomic
 from models import (Body, CrossModalModel, DenseHead1D, DenseHead2D, Embedder1D, Embedder2D,  # noqa: F401
-                    InputNorm, PooledHead, build_body, build_model, patch_stride, stack_num)  # re-exported
+                    InputNorm, PooledHead, build_body, build_model, in_float32, patch_stride, stack_num)  # re-exported
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -276,6 +276,7 @@ def _per_sample(t):
     return t.reshape(t.shape[0], -1).float()
 
 
+@in_float32  # autocast off, inputs in float32 (models.in_float32; the official code computes losses in float32)
 def compute_loss(name, pred, y, pos_weight=None):
     """Training losses of the official configs. pred and y are batched; classification y are class ids."""
     if name == "ce":

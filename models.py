@@ -6,6 +6,7 @@ Architecture (ORCA, Shen et al. 2023, §3; orca_pare_reference.md §1):
 The method scripts reach these through `common` (common.build_model, common.Embedder1D, ...), which re-exports them;
 what trains and how (fit, optimiser, checkpoints) stays in common.py.
 """
+import functools
 import math
 
 import torch
@@ -14,6 +15,30 @@ import torch.nn.functional as F
 
 import data
 from errors import UserError
+
+# ---- precision -----------------------------------------------------------------------------------------------
+HALF = (torch.float16, torch.bfloat16)
+
+
+def in_float32(fn):
+    """Decorator: fn runs with autocast off and its float16 / bfloat16 tensor arguments cast to float32 (float32 and
+    float64 ones, and everything else, pass unchanged; a float32 run on the CPU is bit for bit what it was).
+
+    The heads and common.compute_loss use it (the metrics then see float32 predictions, and compute in float64): the
+    official code runs in float32 throughout, and bfloat16 keeps 8 significant bits, so a perfect prediction of an
+    O(1) field rounded to bfloat16 already has an nRMSE of ~1.5e-3, the size of the errors the papers report on
+    PDEBench (issue 18). The body keeps the autocast dtype (the cost is there); only the small head and what follows
+    it pay for float32."""
+    def cast(t):
+        return t.float() if torch.is_tensor(t) and t.dtype in HALF else t
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return wrapper
+
 
 # ---- bodies: pretrained transformers that take token embeddings ----------------------------------------------
 class _InputsEmbedsOnly(nn.Module):
@@ -324,6 +349,7 @@ class PooledHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, num_outputs)
 
+    @in_float32  # float32 whatever the autocast: see in_float32
     def forward(self, features):
         return self.linear(features.mean(dim=1))
 
@@ -337,6 +363,7 @@ class DenseHead1D(nn.Module):
         self.out_channels, self.stride, self.out_len = out_channels, stride, out_len
         self.pool = nn.AdaptiveAvgPool1d(out_channels * stride)
 
+    @in_float32  # float32 whatever the autocast: see in_float32
     def forward(self, features):
         B, L, _ = features.shape
         y = self.pool(features).reshape(B, L, self.out_channels, self.stride)
@@ -355,6 +382,7 @@ class DenseHead2D(nn.Module):
         self.conv = nn.Conv2d(dim, upsample * upsample * out_channels, 1)
         self.shuffle = nn.PixelShuffle(upsample)
 
+    @in_float32  # float32 whatever the autocast: see in_float32
     def forward(self, features):
         B, N, D = features.shape
         x = features.transpose(1, 2).reshape(B, D, *self.grid)

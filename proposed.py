@@ -351,9 +351,10 @@ class ProjectedEmbedder(nn.Module):
 
 def split_model(model):
     """(features, predictor) of 001: d = g_s(f(x)) and h. Pooled heads: d = mean-pooled body output (B, D'), h =
-    the head's Linear; dense heads: d = body tokens (B, L', D'), h = the whole head."""
+    the head's Linear (in float32 under autocast, as the head is: common.in_float32); dense heads: d = body tokens
+    (B, L', D'), h = the whole head."""
     if isinstance(model.head, common.PooledHead):
-        return (lambda x: model.body(model.embed(x)).mean(1)), model.head.linear
+        return (lambda x: model.body(model.embed(x)).mean(1)), common.in_float32(model.head.linear)
     return (lambda x: model.body(model.embed(x))), model.head
 
 
