@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import official_data
 from errors import UserError
-from official_data import fetch, read, write_atomic
+from official_data import read, write_atomic
 
 
 @dataclass
@@ -541,13 +541,12 @@ def load_source(name, body, data_dir="./datasets", n=5000, seed=0):
         ids = (y[:, None] * 60 + rng.randint(0, 60, (200, 16))).astype(np.int64)
         return TensorDataset(torch.as_tensor(ids), torch.as_tensor(y))
     if name in ("conll", "text"):  # the official text source: first n rows of the precomputed features
-        xs, ys = [read("source conll", fetch("source conll", data_dir, f, url), lambda p: np.load(p, mmap_mode="r"))
-                  for f, url in CONLL_FILES]
+        paths = fetch_source("conll", data_dir)
+        xs, ys = [read("source conll", path, lambda p: np.load(p, mmap_mode="r")) for path in paths]
         official_data.expect_ndim("source conll", CONLL_FILES[0][0], xs, 3, "(N, T, D) token features")
         return TensorDataset(torch.as_tensor(np.array(xs[:n], np.float32)), torch.as_tensor(np.array(ys[:n])).long())
     if name == "cifar10":  # the official image source: n random CIFAR-10 training images, augmented once
-        root = official_data.cifar_root("source cifar10", data_dir, "cifar-10-batches-py", "cifar-10-python.tar.gz",
-                      "c58f30108f718f92721af3b95e74349a")
+        root = fetch_source("cifar10", data_dir)
         x, y = official_data.cifar_batches("source cifar10", [root / f"data_batch_{i}" for i in range(1, 6)], b"labels")
         order = np.random.RandomState(seed).permutation(len(y))[:n]
         with torch.random.fork_rng():  # the draw must not move the caller's RNG
@@ -574,16 +573,46 @@ def load_source(name, body, data_dir="./datasets", n=5000, seed=0):
     raise UserError(f"unknown source '{name}'; choose conll, cifar10, docstrings, digits, synthetic or none")
 
 
-def default_source(body, data_dir="./datasets"):
-    """The official choice when its files are in data_dir (CIFAR-10 for vision bodies; the CoNLL-2003 features for
-    768-wide text bodies, i.e. RoBERTa, whose embedding layer made them), else an offline proxy of real data."""
+def fetch_source(name, data_dir):
+    """The files of an official source in data_dir, downloaded on first use as the task data are (official_data.fetch:
+    one attempt, checksum, atomic rename; a UserError line if they cannot be had): the CIFAR-10 folder (cifar10) or
+    the two CoNLL-2003 feature files (conll)."""
+    if name == "cifar10":
+        return official_data.cifar_root("source cifar10", data_dir, "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                                        "c58f30108f718f92721af3b95e74349a")
+    return [official_data.fetch("source conll", data_dir, f, url) for f, url in CONLL_FILES]
+
+
+def default_source(body, data_dir="./datasets", task=None):
+    """The source data of `--source auto` for a body: the official one (ORCA / PaRe: CIFAR-10 for vision bodies; for
+    text bodies the CoNLL-2003 features, which are 768 wide because RoBERTa's embedding layer made them) or an offline
+    proxy of real data (digits, docstrings; synthetic for the tiny test body).
+
+    On a benchmark task (a name in official_data.LOADERS) the official source is downloaded as the task's own files
+    are, and the proxy is used only when that fails (or when the body cannot read the official source), with one
+    printed line saying so and why. Other tasks (offline, custom, synthetic) take the official files when they are
+    already in data_dir and the proxy otherwise, without trying the network. The scripts record the name returned in
+    results.json (`source`)."""
+    if body.kind not in ("vision", "text"):
+        return "synthetic"
+    official, proxy = ("cifar10", "digits") if body.kind == "vision" else ("conll", "docstrings")
     d = Path(data_dir)
-    if body.kind == "vision":
-        return "cifar10" if (d / "cifar-10-batches-py" / "data_batch_1").exists() else "digits"
-    if body.kind == "text":
-        official = all((d / f).exists() for f, _ in CONLL_FILES) and body.dim == 768
-        return "conll" if official else "docstrings"
-    return "synthetic"
+    present = ((d / "cifar-10-batches-py" / "data_batch_1").exists() if official == "cifar10" else
+               all((d / f).exists() for f, _ in CONLL_FILES))
+    benchmark = task in official_data.LOADERS
+    if official == "conll" and body.dim != 768:
+        if benchmark:
+            print(f"source: the offline proxy '{proxy}', not the official CoNLL-2003 features: those are 768 wide "
+                  f"(RoBERTa's embedding layer) and this body is {body.dim} wide; --body roberta reads them")
+        return proxy
+    if present or not benchmark:
+        return official if present else proxy
+    try:
+        fetch_source(official, data_dir)
+        return official
+    except UserError as e:
+        print(f"source: the offline proxy '{proxy}', not the official {official}, which could not be had ({e})")
+        return proxy
 
 
 @torch.no_grad()

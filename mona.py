@@ -265,8 +265,8 @@ if __name__ == "__main__":
         device = common.get_device(args.device)
         common.seed_everything(args.seed)
         body = common.build_body(args.body, args.pretrained).to(device)
-        source_set = data.load_source(data.default_source(body, args.data_dir) if args.source in ("auto", "none")
-                                      else args.source, body, args.data_dir)
+        name = data.default_source(body, args.data_dir, args.task) if args.source in ("auto", "none") else args.source
+        source_set = data.load_source(name, body, args.data_dir)
         before = linear_probe(body, source_set, args.probe_samples, args.seed, device)
         state = common.load_checkpoint(args.probe_ckpt, "--probe_ckpt", device)
         if not isinstance(state, dict) or "model" not in state:
@@ -285,15 +285,15 @@ if __name__ == "__main__":
     trainable, total = common.count_params(model)
     print(f"task {task.name}: {task.kind}, in {task.in_shape}, out {task.out_shape}, "
           f"train/val/test {len(task.train)}/{len(task.val)}/{len(task.test)} | params {trainable:,}/{total:,}")
-    # source data: the official CoNLL-2003 / CIFAR-10 when present, else an offline proxy of real data (data.py)
-    source = data.default_source(model.body, args.data_dir) if args.source == "auto" else args.source
+    # source data: the official CoNLL-2003 / CIFAR-10, else an offline proxy of real data (data.default_source)
+    source = args.source  # "auto" is resolved below, only if source data are read (on a benchmark task: a download)
     steps_per_epoch = math.ceil(len(task.train) / args.batch_size)
     meta_steps = args.meta_steps if args.meta_steps >= 0 else round(args.meta_epochs * steps_per_epoch)
     meta_steps = 0 if source == "none" else meta_steps
     source_set = None
     if meta_steps > 0 or args.distortion:  # the probe needs source data even for plain fine-tuning
-        source_set = data.load_source(data.default_source(model.body, args.data_dir) if source == "none" else source,
-                                      model.body, args.data_dir)
+        source = data.default_source(model.body, args.data_dir, args.task) if source in ("auto", "none") else source
+        source_set = data.load_source(source, model.body, args.data_dir)
         source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
         args.source_batch_size = source_batch_size(args, model.embedder.num_tokens, source_tokens)
         if len(source_set) < args.source_batch_size:
@@ -310,7 +310,8 @@ if __name__ == "__main__":
     # stage 1 (METHOD: meta-learned target embedder, Algorithm 1) -> embedder.pt
     emb_path = run.dir / "embedder.pt"
     # saved with the embedder, so a reused one is described
-    stage1 = dict(source=source, meta_steps=meta_steps, source_batch_size=args.source_batch_size if meta_steps else 0)
+    stage1 = dict(source=source if meta_steps else "none", meta_steps=meta_steps,
+                  source_batch_size=args.source_batch_size if meta_steps else 0)
     if args.embedder_ckpt or (args.resume and emb_path.exists()):
         state = common.load_embedder(model, args.embedder_ckpt or emb_path, "mona.py")
         stage1 = {k: v for k, v in state.items() if k != "embedder"}

@@ -68,9 +68,10 @@ def get_args(argv=None):
     g.add_argument("--maxsamples", type=int, default=128,
                    help="target points per class per step (about; B*(floor(M/B)+1) as in the official loop)")
     g.add_argument("--source", default="auto",
-                   help="proxy data: auto (official conll / cifar10 when their files are in --data_dir, else "
-                        "docstrings for text bodies, digits for vision; synthetic for tiny) | conll | cifar10 | "
-                        "docstrings | digits | synthetic | none (= no alignment)")
+                   help="source data: auto (the official conll / cifar10, downloaded on benchmark tasks, used on "
+                        "others when in --data_dir; else the proxy docstrings for text bodies, digits for vision; "
+                        "synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | none (= no "
+                        "alignment)")
     g.add_argument("--eps", type=float, default=0.1, help="entropic regularisation of the Sinkhorn solves")
     g.add_argument("--num_pseudo_classes", type=int, default=10,
                    help="k-means clusters of the targets that act as classes for dense / regression tasks")
@@ -233,16 +234,18 @@ if __name__ == "__main__":
     # stage 2 (METHOD: distribution alignment): train the embedder alone towards the source features. It is skipped
     # when an aligned embedder is given (--embedder_ckpt, e.g. for the --freeze ablations) or found (--resume), and
     # it is off for --embedder_epochs 0 / --source none, which makes this script plain fine-tuning (finetune.py).
-    source = data.default_source(model.body, args.data_dir) if args.source == "auto" else args.source
     emb_path = run.dir / "embedder.pt"
-    align = dict(source=source, objective=args.objective, embedder_epochs=args.embedder_epochs, otdd_before=None,
+    align = dict(source="none", objective=args.objective, embedder_epochs=args.embedder_epochs, otdd_before=None,
                  otdd_after=None)
     if args.embedder_ckpt or (args.resume and emb_path.exists()):
         state = common.load_embedder(model, args.embedder_ckpt or emb_path, "orca.py")
         align = {k: state.get(k) for k in align}  # describe the stage 2 that made this embedder
         print(f"stage 2 skipped: embedder loaded from {args.embedder_ckpt or emb_path} ({align})")
-    elif args.embedder_epochs > 0 and source != "none":
+    elif args.embedder_epochs > 0 and args.source != "none":
         t0 = time.time()
+        # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
+        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
+        align["source"] = source
         # the source features depend on the body's weights: a random body (--no-pretrained, tiny) gets its own cache
         body_key = f"{args.body}|pretrained" if args.pretrained and args.body != "tiny" else \
             f"{args.body}|random-seed{args.seed}"

@@ -68,9 +68,10 @@ def get_args(argv=None):
     g = parser.add_argument_group("PaRe: patch replacement")
     g.add_argument("--replace", default="on", choices=["on", "off"], help="off = plain fine-tuning (finetune.py)")
     g.add_argument("--source", default="auto",
-                   help="proxy data: auto (official conll / cifar10 when in --data_dir, else docstrings for text "
-                        "bodies, digits for vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | "
-                        "synthetic | none (= plain fine-tuning)")
+                   help="source data: auto (the official conll / cifar10, downloaded on benchmark tasks, used on "
+                        "others when in --data_dir; else the proxy docstrings for text bodies, digits for vision, "
+                        "synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | none (= plain "
+                        "fine-tuning)")
     g.add_argument("--source_n", type=int, default=5000, help="source samples drawn (official maxsize 5000)")
     g.add_argument("--k0", type=float, default=0.64,
                    help="tokens replaced at epoch 0: a count (>= 1), or a fraction of the N target tokens (< 1, "
@@ -272,14 +273,16 @@ if __name__ == "__main__":
     trainable, total = common.count_params(model)
     print(f"task {task.name}: {task.kind}, in {task.in_shape}, out {task.out_shape}, "
           f"train/val/test {len(task.train)}/{len(task.val)}/{len(task.test)} | params {trainable:,}/{total:,}")
-    source = data.default_source(model.body, args.data_dir) if args.source == "auto" else args.source
-    info = dict(source=source, replace=args.replace)
+    info = dict(source="none", replace=args.replace)
 
-    if args.replace == "off" or source == "none" or args.k0 == 0 or args.mix_weight == 0:
+    if args.replace == "off" or args.source == "none" or args.k0 == 0 or args.mix_weight == 0:
         print("patch replacement off (--replace off, --source none, --k0 0 or --mix_weight 0): plain fine-tuning")
         info.update(replace="off", k0=0)
         common.fit(model, task, args, run, device)
     else:
+        # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
+        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
+        info["source"] = source
         # METHOD: source (proxy) data with labels, embedded per step by the body's frozen pretrained embedding
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)
         # the source may be shorter than the target (32 text tokens vs N patches): k <= min(N, T)

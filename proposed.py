@@ -448,11 +448,13 @@ if __name__ == "__main__":
         info.update(freeze_embedder=args.freeze_embedder, scorer=args.scorer)
     for p in frozen:
         p.requires_grad_(False)
-    source = data.default_source(model.body, args.data_dir) if args.source == "auto" else args.source
-    if args.version == "001" or source == "none" or args.k0 == 0 or args.mix_weight == 0:
+    if args.version == "001" or args.source == "none" or args.k0 == 0 or args.mix_weight == 0:
         print("fine-tuning without patch replacement")
+        info.update(source="none")
         common.fit(model, task, args, run, device)
     else:
+        # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
+        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)
         num_tokens = model.embedder.num_tokens
         source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
