@@ -249,12 +249,12 @@ def model_for(task, args):
     return model
 
 
-def load_embedder(model, path, script):
-    """Load an embedder.pt written by an earlier `script` run (stage-1 output) into model.embedder; returns the
-    dict it holds (the embedder's state and how it was made)."""
+def load_embedder(model, path, script, flag="--embedder_ckpt"):
+    """Load an embedder.pt written by an earlier `script` run (stage-1 output, named by `flag`) into model.embedder;
+    returns the dict it holds (the embedder's state and how it was made)."""
     if not Path(path).exists():
-        raise UserError(f"--embedder_ckpt {path} not found; give the embedder.pt of an earlier {script} run")
-    state = load_checkpoint(path, f"--embedder_ckpt of {script}")
+        raise UserError(f"{flag} {path} not found; give the embedder.pt of an earlier {script} run")
+    state = load_checkpoint(path, f"{flag} of {script}")
     if not isinstance(state, dict) or "embedder" not in state:
         raise UserError(f"{path} is not a {script} embedder.pt (no 'embedder' entry)")
     try:

@@ -12,12 +12,15 @@ w [(1 - lam) L_tar(mix) + lam L_src(mix)], lam = k / N), but a single-head self-
 `--version 001` is the earlier design (seed 001, slides 33-38): noise on the body outputs d = g_s(f(x)), contrastive
 training of the predictor h with similarities weighted by the probability P_l that a perturbed d keeps its label,
 fine-tuning with a frozen / trained / linear-projection embedder, and optional perturbation forwarding y = E[h(d~)].
+001's embedding is meant to be pretrained: a Swin body's patch conv, or a stage-1 embedder.pt (--init_embedder); a
+text body's embedder would otherwise be a random conv, which --train_embedder freeze / linear refuse to keep.
 
     slides  ../seeds/000_*.txt (Proposed), ../seeds/001_*.txt (Proposed)      code: none (the slides are the spec)
 
     python proposed.py                                          # MiniLM on UCR GunPoint, 2-core CPU, ~2 minutes
     python proposed.py --task digits --scorer gate              # ablation: PaRe's sigmoid gate instead of attention
     python proposed.py --version 001 --predict perturb --perturb_sigma 0.1
+    python proposed.py --version 001 --train_embedder linear --init_embedder runs/orca_gunpoint_s0/embedder.pt
     python proposed.py --task synthetic --body tiny --contrastive_epochs 0 --k0 0   # = finetune.py
 
 Deviations (no official code exists; every open choice is a flag, docs/proposed.md): sim = exp((cos - 1) / tau), as
@@ -75,6 +78,9 @@ def get_args(argv=None):
     g = parser.add_argument_group("proposed 001: fine-tuning and prediction options")
     g.add_argument("--train_embedder", default="train", choices=["freeze", "train", "linear"],
                    help="fine-tune the embedder, freeze it, or train only a linear projection after it")
+    g.add_argument("--init_embedder", default=None,
+                   help="embedder.pt of a stage-1 run (orca.py, mona.py, proposed.py --version 000) to start 001's "
+                        "embedder from; needed for freeze / linear with a body that has no pretrained patch embedding")
     g.add_argument("--keep_prob", action=argparse.BooleanOptionalAction, default=True, help="P_l(d_i)P_l(d_j) weights")
     g.add_argument("--pl_c", type=float, default=0, help="C of P_l; 0 = number of classes (|h(d)| if not classes)")
     g.add_argument("--predict", default="normal", choices=["normal", "perturb"], help="perturb: y = E[h(d~)]")
@@ -85,6 +91,9 @@ def get_args(argv=None):
         raise common.UserError("--noise_scales / --perturb_sigma must lie in [0, 1] and --noise_steps be >= 0")
     if args.tau <= 0 or args.lambda_eps <= 0 or args.k0 < 0 or args.k_end < 0 or args.perturb_samples < 1:
         raise common.UserError("--tau and --lambda_eps must be > 0, --k0 / --k_end >= 0, --perturb_samples >= 1")
+    if args.init_embedder and args.version != "001":
+        raise common.UserError("--init_embedder starts --version 001's embedder; --version 000 loads its own stage-1 "
+                               "embedder with --embedder_ckpt")
     return args
 
 
@@ -337,7 +346,8 @@ def resolve_k(args, task, num_tokens, source_tokens):
 
 # ---- version 001: projection embedder, predictor split, perturbation forwarding ------------------------------
 class ProjectedEmbedder(nn.Module):
-    """METHOD (001 slide 33): embedder = pretrained embedding + linear projection (identity at the start)."""
+    """METHOD (001 slide 33): embedder = pretrained embedding + linear projection (identity at the start). The
+    embedding is pretrained for a Swin body (its patch conv), or a trained stage-1 embedder (start_embedder)."""
 
     def __init__(self, embedder, dim):
         super().__init__()
@@ -347,6 +357,22 @@ class ProjectedEmbedder(nn.Module):
 
     def forward(self, x):
         return self.projection(self.embedder(x))
+
+
+def start_embedder(model, args):
+    """METHOD (001 slide 33, "pretrained model + linear projection"): the wrapped embedding must start trained. A Swin
+    body's embedder starts from its pretrained patch conv; a text (or tiny) body has none, so the embedder starts as
+    a random conv that --train_embedder freeze / linear would keep random for the whole run. Such a run starts from
+    --init_embedder (a stage-1 embedder.pt) or is refused; --train_embedder train may start random (it trains it)."""
+    if args.init_embedder:
+        common.load_embedder(model, args.init_embedder, "orca.py, mona.py or proposed.py --version 000",
+                             "--init_embedder")
+        print(f"001: embedder started from {args.init_embedder}")
+    elif args.train_embedder != "train" and model.body.patch_conv is None:
+        raise common.UserError(f"--version 001 --train_embedder {args.train_embedder} would keep a random embedder: "
+                               f"--body {args.body} has no pretrained patch embedding; give --init_embedder FILE (the "
+                               f"embedder.pt of an orca.py, mona.py or proposed.py --version 000 run with the same "
+                               f"--task, --body and --target_seq_len), or use --train_embedder train")
 
 
 def split_model(model):
@@ -401,7 +427,8 @@ if __name__ == "__main__":
     run, device = common.setup("proposed", args)
     task = data.get_task(args.task, args.data_dir, args.data_path)
     model = common.model_for(task, args)
-    if args.version == "001":  # METHOD: 001's embedder carries a linear projection
+    if args.version == "001":  # METHOD: 001's embedder: a trained embedding + a linear projection
+        start_embedder(model, args)
         model.embedder = ProjectedEmbedder(model.embedder, model.body.dim)
     model.to(device)
     trainable, total = common.count_params(model)
@@ -442,7 +469,7 @@ if __name__ == "__main__":
     if args.version == "001":
         frozen = {"freeze": model.embedder.parameters(), "linear": model.embedder.embedder.parameters(),
                   "train": []}[args.train_embedder]
-        info.update(train_embedder=args.train_embedder, predict=args.predict)
+        info.update(train_embedder=args.train_embedder, predict=args.predict, init_embedder=args.init_embedder)
     else:
         frozen = model.embedder.parameters() if args.freeze_embedder else []
         info.update(freeze_embedder=args.freeze_embedder, scorer=args.scorer)

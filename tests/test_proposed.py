@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import data
 import proposed
 
 TINY = ("--task", "synthetic", "--body", "tiny", "--epochs", "1", "--contrastive_epochs", "1", "--max_steps", "2")
@@ -145,7 +146,6 @@ def test_keep_probability_matches_finite_differences():
 
 @pytest.mark.parametrize("task_name", ["synthetic", "synthetic_dense_2d"])
 def test_perturbation_forwarding_with_zero_sigma_is_normal_forwarding(task_name):
-    import data
     task = data.get_task(task_name)
     torch.manual_seed(0)
     model = common.build_model(task, "tiny").eval()
@@ -170,7 +170,32 @@ def test_smoke_version_000_and_resume(run, tmp_path):
     assert "stage 1 skipped" in proc.stdout and again["test_score"] == final["test_score"]
 
 
-def test_smoke_version_001(run, tmp_path):
-    proc, final = run("proposed.py", *TINY, "--version", "001", "--train_embedder", "linear", "--predict", "perturb")
-    assert final["version"] == "001" and "normal_test_score" in final
-    assert (tmp_path / "out" / "predictor.pt").exists()
+def test_smoke_version_001_starts_a_kept_embedder_from_init_embedder(run, tmp_path):
+    flags = [*TINY, "--version", "001", "--train_embedder", "linear", "--predict", "perturb"]
+    # the tiny body, like a text body, has no pretrained patch embedding: keeping its random embedder is refused
+    proc, final = run("proposed.py", *flags, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and final is None and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: --version 001 --train_embedder linear would keep a random embedder")
+    assert "--init_embedder FILE" in lines[0]
+    # a stage-1 embedder.pt as orca.py / mona.py / proposed.py 000 write it, with weights no initialisation draws
+    model = common.model_for(data.get_task("synthetic"), proposed.get_args(list(TINY)))
+    trained = {k: v + 1.0 for k, v in model.embedder.state_dict().items()}
+    (tmp_path / "stage1").mkdir()
+    path = tmp_path / "stage1" / "embedder.pt"
+    torch.save({"embedder": trained, "source": "synthetic"}, path)
+    proc, final = run("proposed.py", *flags, "--init_embedder", path)
+    assert final["version"] == "001" and "normal_test_score" in final and final["init_embedder"] == str(path)
+    assert (tmp_path / "out" / "predictor.pt").exists() and f"embedder started from {path}" in proc.stdout
+    tested = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"]
+    for k, v in trained.items():  # --train_embedder linear: the loaded embedding stays as loaded
+        assert torch.equal(tested[f"embedder.embedder.{k}"], v), k
+    # --init_embedder with a file that holds no embedder: one line naming the flag
+    torch.save({"head": {}}, tmp_path / "stage1" / "predictor.pt")
+    args = proposed.get_args([*flags, "--init_embedder", str(tmp_path / "stage1" / "predictor.pt")])
+    with pytest.raises(common.UserError, match="no 'embedder' entry"):
+        proposed.start_embedder(model, args)
+    with pytest.raises(common.UserError, match="--init_embedder .* not found"):
+        proposed.start_embedder(model, proposed.get_args([*flags, "--init_embedder", str(tmp_path / "none.pt")]))
+    with pytest.raises(common.UserError, match="--version 000 loads its own"):
+        proposed.get_args([*TINY, "--init_embedder", str(path)])
