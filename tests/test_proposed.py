@@ -6,6 +6,7 @@ differences, perturbation forwarding at sigma = 0, and subprocess smoke runs of 
 """
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -197,5 +198,13 @@ def test_smoke_version_001_starts_a_kept_embedder_from_init_embedder(run, tmp_pa
         proposed.start_embedder(model, args)
     with pytest.raises(common.UserError, match="--init_embedder .* not found"):
         proposed.start_embedder(model, proposed.get_args([*flags, "--init_embedder", str(tmp_path / "none.pt")]))
+    class Crafted:  # a pickle that would run a command when loaded without weights_only
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+    torch.save({"embedder": Crafted()}, tmp_path / "stage1" / "crafted.pt")
+    with pytest.raises(common.UserError, match="refused"):
+        proposed.start_embedder(model, proposed.get_args([*flags, "--init_embedder",
+                                                          str(tmp_path / "stage1" / "crafted.pt")]))
+    assert not (tmp_path / "ran").exists()
     with pytest.raises(common.UserError, match="--version 000 loads its own"):
         proposed.get_args([*TINY, "--init_embedder", str(path)])
