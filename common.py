@@ -495,11 +495,11 @@ class Run:
     def clear(self):
         """A fresh run starts from an empty run directory: the files of an earlier run there (its checkpoints, log
         and results) would otherwise be resumed from, tested or reported as this run's. A stage-1 file given as
-        --embedder_ckpt is kept."""
-        given = getattr(self.args, "embedder_ckpt", None)
-        given = Path(given).resolve() if given else None
+        --embedder_ckpt or --init_embedder is kept."""
+        given = {Path(f).resolve() for f in (getattr(self.args, k, None) for k in ("embedder_ckpt", "init_embedder"))
+                 if f}
         old = [p for d in [self.dir, *sorted(self.dir.glob("fewshot_*"))] for p in map(d.joinpath, self.STALE)
-               if p.is_file() and p.resolve() != given]
+               if p.is_file() and p.resolve() not in given]
         for p in old:
             p.unlink()
         if old:

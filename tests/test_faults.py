@@ -196,6 +196,18 @@ def test_fresh_run_removes_stale_files_and_resume_keeps_them(tmp_path):
     assert not any(p.exists() for p in stale + [out / "fewshot_ups" / "last.pt"]) and (out / "notes.txt").exists()
 
 
+
+@pytest.mark.parametrize("flag", ["embedder_ckpt", "init_embedder"])
+def test_fresh_run_keeps_a_stage1_file_given_as_a_flag(tmp_path, flag):
+    args, run = start(tmp_path)[:2]
+    release(run)
+    kept, stale = run.dir / "embedder.pt", run.dir / "last.pt"
+    for p in (kept, stale):
+        p.write_text("x")
+    setattr(args, flag, str(kept))  # e.g. proposed.py --version 001 --init_embedder OUT/embedder.pt
+    run.clear()
+    assert kept.exists() and not stale.exists()
+
 @pytest.mark.parametrize("flags, named", [(["--lr", "1e-2"], "--lr"), (["--epochs", "3"], "--epochs"),
                                           (["--task", "synthetic_2d"], "--task"), (["--seed", "1"], "--seed"),
                                           (["--batch_size", "8"], "--batch_size")])
