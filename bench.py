@@ -54,9 +54,14 @@ def official_otdd_step(x_s, y_s, x_t, eps=0.1):
     SamplesLoss call read back with .item(); then the outer debiased Sinkhorn on labels-appended points with the
     augmented cost 1/2 ||x - x'||^2 + 1/2 W, and backward. Returns the value."""
     from geomloss import SamplesLoss
+    try:
+        from geomloss.utils import squared_distances  # geomloss 0.2.x, as the official code imports it
+    except ImportError:  # geomloss 0.3 moved the 0.2 API under _legacy
+        from geomloss._legacy.utils import squared_distances
 
-    blur = eps**0.5  # geomloss: eps = blur^p with p = 2, cost 1/2 ||x - y||^2, eps-scaling factor 0.5
-    inner = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, backend="tensorized")
+    blur = eps**0.5  # geomloss: eps = blur^p with p = 2, default cost 1/2 ||x - y||^2, eps-scaling factor 0.5
+    # the label distances get the unhalved cost ||x - y||^2: pwdist_exact passes squared_distances for p = 2
+    inner = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, cost=squared_distances, backend="tensorized")
     classes = y_s.unique()
     n_cls = len(classes)
     groups = [x_s[y_s == c] for c in classes] + [x_t.detach()]  # the target is one class, label n_cls

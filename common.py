@@ -276,9 +276,15 @@ def _per_sample(t):
     return t.reshape(t.shape[0], -1).float()
 
 
+# training losses that the official code sums over the batch (Darcy: LpLoss(size_average=False)): the sum is part of
+# the effective lr and of PaRe's task-vs-source balance. evaluate() divides by N: reported losses are per sample.
+SUMMED_LOSSES = {"rel_l2"}
+
+
 @in_float32  # autocast off, inputs in float32 (models.in_float32; the official code computes losses in float32)
 def compute_loss(name, pred, y, pos_weight=None):
-    """Training losses of the official configs. pred and y are batched; classification y are class ids."""
+    """Training losses of the official configs. pred and y are batched; classification y are class ids. A loss in
+    SUMMED_LOSSES is the sum over the batch, every other one the mean."""
     if name == "ce":
         return F.cross_entropy(pred.float(), y)
     if name == "bce":
@@ -291,8 +297,8 @@ def compute_loss(name, pred, y, pos_weight=None):
         return (p - t).pow(2).mean(1).sqrt().mean()
     if name == "nrmse":  # PDEBench: per-sample RMSE / RMS of the target, averaged
         return ((p - t).pow(2).mean(1).sqrt() / t.pow(2).mean(1).sqrt().clamp_min(1e-12)).mean()
-    if name == "rel_l2":  # Darcy: ||y_hat - y|| / ||y|| per sample (mean; the official code sums)
-        return ((p - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)).mean()
+    if name == "rel_l2":  # Darcy: ||y_hat - y|| / ||y|| per sample, summed (official LpLoss(size_average=False))
+        return ((p - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)).sum()
     raise ValueError(f"unknown loss {name}")
 
 
@@ -359,9 +365,9 @@ def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcon
 
 
 def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
-    """{"loss", "score"} of a model on a dataset: the task loss and the task metric on the whole set."""
+    """{"loss", "score"} of a model on a dataset: the task loss per sample and the task metric on the whole set."""
     pred, y = predict(model, dataset, batch_size, device, ctx)
-    loss = task_loss(task, pred, y).item()
+    loss = task_loss(task, pred, y).item() / (len(pred) if task.loss in SUMMED_LOSSES else 1)
     if task.decode is not None:
         pred, y = task.decode(pred), task.decode(y)
     return {"loss": loss, "score": compute_metric(task.metric, pred.numpy(), y.numpy())}
@@ -424,7 +430,8 @@ def param_groups(model, params, lr, new_lr_mult=1.0):
 
 
 def lr_factor(step, warmup_steps, decay_steps):
-    """ORCA's WarmupLR: linear warm-up to 1, then linear decay reaching 0 at decay_steps (clamped at 0)."""
+    """ORCA's WarmupLR: linear warm-up to 1, then linear decay reaching 0 at decay_steps (clamped at 0). Deviation
+    (docs/finetune.md): warm-up (step + 1) / W, not the official step / W, whose lr 0 wastes the first step."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (decay_steps - step) / max(1, decay_steps - warmup_steps))

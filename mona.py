@@ -16,13 +16,15 @@ every iteration from theta_f0. Stage 2 is plain full fine-tuning (common.fit).
     python mona.py                                         # MiniLM on UCR GunPoint: 20 meta steps, 60 epochs (CPU)
     python mona.py --task digits --distortion              # 2D task; linear-probe source accuracy before / after
     python mona.py --task synthetic --body tiny --epochs 1 # seconds, for tests
-    python mona.py --meta_steps 0 --distortion             # plain fine-tuning, with the same distortion measure
+    python mona.py --embedder_epochs 0 --distortion        # plain fine-tuning, with the same distortion measure
 
 Choices where the paper is silent or the slides are ambiguous (there is no official code to deviate from):
-- L_align = +E_{i<j, y_i = y_j} ||f_i - f_j||^2 (alpha = 2), which *pulls* same-label source features together. The
-  slide prints it with a leading minus, which would push them apart and contradict "source discriminability"; we
-  read the minus as a typo. L_uniform = log E_{i<j} exp(-2 ||f_i - f_j||^2). Features are mean-pooled encoder
-  outputs, L2-normalised by default (Wang & Isola; --no-normalize turns it off).
+- Both minus signs of the slide's L_outer = -E_{y_i = y_j} ||f_i - f_j||^2 - log E exp(-2 ||f_i - f_j||^2) are
+  dropped: L_align = +E_{i<j, y_i = y_j} ||f_i - f_j||^2 (alpha = 2), L_uniform = +log E_{i<j} exp(-2 ||f_i - f_j||^2),
+  Wang & Isola's losses. L'_outer is *minimised* (phi_e <- phi_e - beta grad), and as printed the first term would
+  push same-label source features apart and the second pull all features together (collapse): the negation of
+  Wang & Isola's objective, the opposite of the "source discriminability" the slide says L_outer measures. Features
+  are mean-pooled encoder outputs, L2-normalised by default (Wang & Isola; --no-normalize turns it off).
 - theta = encoder + head (--inner_params all) or the encoder alone (body); the embedder is not part of the virtual
   update because the source path does not use it. Only the encoder's virtual step reaches L_outer; the head is
   included because L_inner needs it, and with --inner_steps > 1 its step changes the encoder's next one.
@@ -65,11 +67,14 @@ def get_args(argv=None):
     common.add_common_args(parser)
     g = parser.add_argument_group("MoNA stage 1: meta-learned target embedder")
     g.add_argument("--source", default="auto",
-                   help="labelled source data: auto (official conll / cifar10 when in --data_dir, else docstrings for "
-                        "text bodies, digits for vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | "
-                        "synthetic | none (= plain fine-tuning)")
-    g.add_argument("--meta_epochs", type=float, default=None,
-                   help="I_1 in passes over the target training set (default 5; offline / custom tasks: --meta_steps)")
+                   help="labelled source data: auto (the official conll / cifar10, downloaded on benchmark tasks, "
+                        "used on others when in --data_dir; else the proxy docstrings for text bodies, digits for "
+                        "vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | none (= plain "
+                        "fine-tuning)")
+    # --embedder_epochs: the name every method gives its embedder stage (design.md's command line, as proposed.py)
+    g.add_argument("--meta_epochs", "--embedder_epochs", type=float, default=None,
+                   help="I_1 in passes over the target training set (default 5; offline / custom tasks: --meta_steps); "
+                        "0 = plain fine-tuning")
     g.add_argument("--meta_steps", type=int, default=None,
                    help="I_1 in embedder updates; overrides --meta_epochs when >= 0; 0 = plain fine-tuning")
     g.add_argument("--inner_lr", type=float, default=0.1, help="alpha: SGD step size of the virtual update")
@@ -93,7 +98,9 @@ def get_args(argv=None):
                    help="PATH to the ckpt.pt of any method's run (same --task, --body): print the distortion of its "
                         "fine-tuned encoder and exit, so every method is measured the same way")
     args = common.parse_args(parser, argv, method_defaults=MONA_DEFAULTS,
-                             method_auto=lambda a, task: dict(meta_steps=-1 if a.meta_epochs else AUTO_META_STEPS))
+                             # `is not None`: an explicit --meta_epochs 0 means no stage 1, not "size it from the data"
+                             method_auto=lambda a, task: dict(meta_steps=-1 if a.meta_epochs is not None
+                                                              else AUTO_META_STEPS))
     args.meta_epochs = 5 if args.meta_epochs is None else args.meta_epochs
     args.meta_steps = -1 if args.meta_steps is None else args.meta_steps
     if args.inner_steps < 1 or args.meta_epochs < 0 or args.outer_weight < 0:
@@ -326,7 +333,8 @@ if __name__ == "__main__":
         last = train_embedder(model, task, source_set, meta_steps, args, run, device)
         stage1.update(meta_seconds=round(time.time() - t0, 1), **{f"meta_{k}": v for k, v in last.items()})
     else:
-        print("stage 1 skipped (--meta_steps 0 or --source none): plain fine-tuning")
+        print("stage 1 skipped (--meta_epochs / --embedder_epochs / --meta_steps 0 or --source none): "
+              "plain fine-tuning")
     common.save_checkpoint(dict(embedder=model.embedder.state_dict(), **stage1), emb_path)  # for --embedder_ckpt
 
     # stage 2: full fine-tuning from phi_e and theta_f0 (Algorithm 1, Eq. 1), the same loop as finetune.py; with

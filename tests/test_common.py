@@ -5,6 +5,7 @@ plumbing (resume, determinism, NaN guard) and one-line errors on bad input.
 """
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -106,7 +107,14 @@ def test_metrics_against_sklearn_and_formulas():
     assert common.compute_metric("rel_l2", pred, tgt) == pytest.approx(rel)
     tp, tt = torch.tensor(pred), torch.tensor(tgt)
     assert common.compute_loss("nrmse", tp, tt).item() == pytest.approx(nrmse, rel=1e-5)
-    assert common.compute_loss("rel_l2", tp, tt).item() == pytest.approx(rel, rel=1e-5)
+    # the Darcy training loss is the official LpLoss(size_average=False): summed over the batch, not averaged
+    assert common.compute_loss("rel_l2", tp, tt).item() == pytest.approx(len(tp) * rel, rel=1e-5)
+    # ... while evaluate() reports it per sample, whatever the evaluation batch size, next to the mean metric
+    task = types.SimpleNamespace(loss="rel_l2", metric="rel_l2", decode=None, pos_weight=None)
+    dataset = torch.utils.data.TensorDataset(tp.float(), tt.float())
+    for batch_size in (2, 6):
+        out = common.evaluate(torch.nn.Identity(), task, dataset, batch_size=batch_size)  # predictions = inputs
+        assert out["loss"] == pytest.approx(rel, rel=1e-5) and out["score"] == pytest.approx(rel, rel=1e-5)
 
 
 def test_mae8_against_explicit_loop():
@@ -128,6 +136,7 @@ def test_mae8_against_explicit_loop():
 
 def test_lr_schedule_is_warmup_then_linear_decay():
     f = [common.lr_factor(s, 4, 12) for s in range(14)]
+    # warm-up (step + 1) / W, a listed deviation: the official step / W would give the first step lr 0
     assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f[4] == pytest.approx(1.0) and f[8] == pytest.approx(0.5) and f[12] == 0 and f[13] == 0
 

@@ -124,6 +124,17 @@ def test_default_source_batch_has_at_most_the_target_batch_tokens():
         mona.get_args(["--task", "gunpoint", "--source_batch_size", "1"])
 
 
+def test_embedder_epochs_zero_is_plain_finetuning(run):
+    # --embedder_epochs is --meta_epochs (design.md's command line). An explicit 0 on a task with data-aware defaults
+    # (GunPoint) switches stage 1 off; it must not fall back to the data-sized AUTO_META_STEPS as an unset flag does
+    a, b = (mona.get_args(["--task", "gunpoint", "--body", "tiny", flag, "0"])
+            for flag in ("--meta_epochs", "--embedder_epochs"))
+    assert a.meta_epochs == b.meta_epochs == 0 and a.meta_steps == b.meta_steps
+    assert mona.get_args(["--task", "gunpoint", "--body", "tiny"]).meta_steps == mona.AUTO_META_STEPS
+    proc, final = run("mona.py", "--task", "gunpoint", "--body", "tiny", "--embedder_epochs", "0", "--max_steps", "2")
+    assert final["meta_steps"] == 0 and "stage 1 skipped" in proc.stdout and "meta step" not in proc.stdout
+
+
 def test_smoke_run(run, tmp_path):
     proc, final = run("mona.py", "--task", "synthetic", "--body", "tiny", "--epochs", "1", "--meta_steps", "2",
                       "--distortion", "--probe_samples", "100", "--log_interval", "1")

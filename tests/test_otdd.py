@@ -30,17 +30,21 @@ def logsumexp(z, axis):
     return (z_max + np.log(np.exp(z - z_max).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def numpy_ot(x, y, a, b, eps, iters=2000):
-    """Independent reference: dense, non-batched log-domain Sinkhorn in numpy float64, no eps-scaling. Plain
+def numpy_ot(x, y, a, b, eps, iters=50000, scale=0.5):
+    """Independent reference: dense, non-batched log-domain Sinkhorn in numpy float64, no eps-scaling, cost
+    scale * ||x - y||^2 (0.5: the feature cost c; 1: the label-distance cost of the official pwdist_exact). Plain
     alternating updates, except x against itself, where those crawl and the averaged update is used."""
-    C = 0.5 * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    C = scale * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
     f, g = np.zeros(len(x)), np.zeros(len(y))
     for _ in range(iters):
+        f_old, g_old = f, g
         if x is y:
             f = g = 0.5 * (f - eps * logsumexp(np.log(a)[None, :] + (f[None, :] - C) / eps, axis=1))
-            continue
-        f = -eps * logsumexp(np.log(b)[None, :] + (g[None, :] - C) / eps, axis=1)
-        g = -eps * logsumexp(np.log(a)[:, None] + (f[:, None] - C) / eps, axis=0)
+        else:
+            f = -eps * logsumexp(np.log(b)[None, :] + (g[None, :] - C) / eps, axis=1)
+            g = -eps * logsumexp(np.log(a)[:, None] + (f[:, None] - C) / eps, axis=0)
+        if max(np.abs(f - f_old).max(), np.abs(g - g_old).max()) < 1e-14 * (1 + np.abs(C).max()):
+            break  # a fixed point to rounding (far-apart sets need ~10^4 plain iterations at small eps / cost)
     return a @ f + b @ g
 
 
@@ -110,12 +114,31 @@ def labelled(n_per_class, n_classes, d=3, seed=0):
     return torch.randn(len(y), d, generator=g, dtype=torch.float64) + 2.0 * y[:, None], y
 
 
+def numpy_label_distance(p, q, eps):
+    """W(p, q) as the official pwdist_exact defines it: the debiased Sinkhorn divergence between two classes under the
+    *unhalved* cost ||x - x'||^2 (geomloss squared_distances), computed by the numpy reference."""
+    a, b = np.full(len(p), 1 / len(p)), np.full(len(q), 1 / len(q))
+    return (numpy_ot(p, q, a, b, eps, scale=1.0) - 0.5 * numpy_ot(p, p, a, a, eps, scale=1.0)
+            - 0.5 * numpy_ot(q, q, b, b, eps, scale=1.0))
+
+
+def test_label_distances_use_the_unhalved_cost():
+    # a label distance under the halved cost 1/2 ||x - x'||^2 is about half of these (it equals W at eps / 2, halved)
+    x_s, y_s = labelled(6, 3, seed=42)
+    dist = otdd.OTDD(x_s, y_s, eps=0.5, **TIGHT_OTDD)
+    for i in range(3):
+        for j in range(3):
+            ref = 0.0 if i == j else numpy_label_distance(x_s[y_s == i].numpy(), x_s[y_s == j].numpy(), 0.5)
+            assert dist.W_ss[i, j].item() == pytest.approx(ref, rel=1e-8, abs=1e-12)
+
+
 def test_otdd_matches_its_definition():
-    """Rebuild OTDD from sinkhorn_divergence calls: W per class pair, then the outer S_eps with labels appended."""
+    """Rebuild OTDD from independent pieces: W per class pair from the numpy reference (unhalved cost), then the
+    outer S_eps with labels appended and the augmented cost 1/2 ||x - x'||^2 + 1/2 W."""
     x_s, y_s = labelled(6, 3, seed=40)
     x_t, y_t = labelled(5, 2, seed=41)
     groups = [x_s[y_s == c] for c in range(3)] + [x_t[y_t == c] for c in range(2)]
-    W = torch.tensor([[otdd.sinkhorn_divergence(p, q, eps=0.5, **TIGHT).item() if i != j else 0.0
+    W = torch.tensor([[numpy_label_distance(p.numpy(), q.numpy(), 0.5) if i != j else 0.0
                        for j, q in enumerate(groups)] for i, p in enumerate(groups)], dtype=torch.float64)
 
     def cost(z1, z2):
@@ -127,7 +150,7 @@ def test_otdd_matches_its_definition():
     z_t = torch.cat([x_t_ref, 3 + y_t[:, None].double()], 1)
     ref = otdd.sinkhorn_divergence(z_s, z_t, eps=0.5, cost=cost, **TIGHT)
     ours = otdd.otdd(x_s, y_s, x_t_ours, y_t, eps=0.5, **TIGHT_OTDD)
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-8)
     # gradients flow through the feature cost only (W is a constant, as in the official code)
     ref.backward()
     ours.backward()
@@ -140,7 +163,8 @@ def test_otdd_object_function_and_self_distance():
     dist = otdd.OTDD(x_s, y_s, eps=0.5, **TIGHT_OTDD)
     assert dist(x_t).item() == pytest.approx(otdd.otdd(x_s, y_s, x_t, eps=0.5, **TIGHT_OTDD).item(), rel=1e-12)
     assert dist(x_t, torch.zeros(9)).item() == pytest.approx(dist(x_t).item(), rel=1e-12)  # dummy label = None
-    assert abs(otdd.OTDD(x_s, y_s, eps=1.0, **TIGHT_OTDD)(x_s, y_s).item()) < 1e-12  # eps=1: see TIGHT's comment
+    # eps=2 (the label distances' unhalved cost makes it 1 for them): see TIGHT's comment
+    assert abs(otdd.OTDD(x_s, y_s, eps=2.0, **TIGHT_OTDD)(x_s, y_s).item()) < 1e-12
     # float32 source, bfloat16 target under autocast: computed in float32, still differentiable
     dist32, x_t16 = otdd.OTDD(x_s.float(), y_s, eps=0.5), x_t.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -150,6 +174,16 @@ def test_otdd_object_function_and_self_distance():
     assert value.item() == pytest.approx(dist(x_t.bfloat16().double()).item(), rel=1e-3)  # default tolerances
 
 
+def test_one_target_label_leaves_the_gradient_of_the_feature_divergence():
+    # ORCA gives every target point one label: the label term then depends on the source point alone, a shift of each
+    # row of the cost that leaves the plan, hence the gradient, of the plain feature divergence (W scales drop out)
+    x_s, y_s = labelled(6, 3, seed=43)
+    x1, x2 = points(7, seed=44, shift=1.0).requires_grad_(), points(7, seed=44, shift=1.0).requires_grad_()
+    otdd.otdd(x_s, y_s, x1, eps=1.0, **TIGHT_OTDD).backward()
+    otdd.sinkhorn_divergence(x_s, x2, eps=1.0, **TIGHT).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-7, atol=1e-10)
+
+
 def test_gaussian_label_distance_matches_sqrtm():
     x_s, y_s = labelled(6, 2, d=8, seed=60)  # 6 points in 8-D: rank-deficient covariances
     dist = otdd.OTDD(x_s, y_s, label_distance="gaussian")
@@ -157,7 +191,8 @@ def test_gaussian_label_distance_matches_sqrtm():
     S1, S2 = np.cov(p.T), np.cov(q.T)
     r1 = sqrtm(S1).real
     w2 = ((p.mean(0) - q.mean(0)) ** 2).sum() + np.trace(S1 + S2 - 2 * sqrtm(r1 @ S2 @ r1).real)
-    assert dist.W_ss[0, 1].item() == pytest.approx(0.5 * w2, rel=1e-6)
+    # W2^2 itself (official wasserstein_gauss_distance, squared=True); the augmented cost then adds W / 2
+    assert dist.W_ss[0, 1].item() == pytest.approx(w2, rel=1e-6)
     assert torch.isfinite(dist(points(5, d=8, seed=61))).item()
 
 
