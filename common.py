@@ -1,5 +1,6 @@
-"""Shared substrate of every method: the command line, losses and metrics, and the training plumbing (fit,
-optimiser, checkpoints, run directory); the model pieces (embedder / body / head) are in models.py, re-exported here.
+"""Shared substrate of every method: the command line and the training plumbing (fit, optimiser, checkpoints, run
+directory); the model pieces (embedder / body / head) are in models.py, losses and metrics in metrics.py, both
+re-exported here.
 
 What lives here and in models.py is what must be *identical* for a fair comparison between methods (design.md):
 the model pieces, `evaluate`, the metrics, and the seed / device / log / checkpoint helpers. What *is* a method
@@ -21,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 from official_data import write_atomic
 from models import (Body, CrossModalModel, DenseHead1D, DenseHead2D, Embedder1D, Embedder2D,  # noqa: F401
                     InputNorm, PooledHead, build_body, build_model, in_float32, patch_stride, stack_num)  # re-exported
+from metrics import (SUMMED_LOSSES, compute_loss, compute_metric, evaluate, mae8, predict,  # noqa: F401
+                     task_loss)  # re-exported: losses and metrics live in metrics.py
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -269,108 +271,6 @@ def count_params(module):
     """(trainable, total) parameter counts."""
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# ---- losses and metrics --------------------------------------------------------------------------------------
-def _per_sample(t):
-    return t.reshape(t.shape[0], -1).float()
-
-
-# training losses that the official code sums over the batch (Darcy: LpLoss(size_average=False)): the sum is part of
-# the effective lr and of PaRe's task-vs-source balance. evaluate() divides by N: reported losses are per sample.
-SUMMED_LOSSES = {"rel_l2"}
-
-
-@in_float32  # autocast off, inputs in float32 (models.in_float32; the official code computes losses in float32)
-def compute_loss(name, pred, y, pos_weight=None):
-    """Training losses of the official configs. pred and y are batched; classification y are class ids. A loss in
-    SUMMED_LOSSES is the sum over the batch, every other one the mean."""
-    if name == "ce":
-        return F.cross_entropy(pred.float(), y)
-    if name == "bce":
-        pw = None if pos_weight is None else torch.full_like(y, float(pos_weight), dtype=torch.float32)
-        return F.binary_cross_entropy_with_logits(pred.float(), y.float(), pos_weight=pw)
-    if name == "mse":
-        return F.mse_loss(pred.float(), y.float())
-    p, t = _per_sample(pred), _per_sample(y)
-    if name == "rmse":
-        return (p - t).pow(2).mean(1).sqrt().mean()
-    if name == "nrmse":  # PDEBench: per-sample RMSE / RMS of the target, averaged
-        return ((p - t).pow(2).mean(1).sqrt() / t.pow(2).mean(1).sqrt().clamp_min(1e-12)).mean()
-    if name == "rel_l2":  # Darcy: ||y_hat - y|| / ||y|| per sample, summed (official LpLoss(size_average=False))
-        return ((p - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)).sum()
-    raise ValueError(f"unknown loss {name}")
-
-
-def mae8(pred, y, min_sep=24, max_dist=8.0):
-    """PSICOV MAE@8. pred, y: (N, L, L) distance maps (y NaN where padded). Symmetrise and clamp the prediction
-    at 0.01; over upper-triangle pairs with |i-j| >= 24 and true distance <= 8 A; mean per protein, nanmean."""
-    pred = np.clip((pred + np.swapaxes(pred, -1, -2)) / 2, 0.01, None)
-    L = y.shape[-1]
-    i, j = np.triu_indices(L, k=min_sep)
-    scores = []
-    for p, t in zip(pred, y):
-        tv, pv = t[i, j], p[i, j]
-        keep = np.isfinite(tv) & (tv <= max_dist)
-        scores.append(np.abs(pv[keep] - tv[keep]).mean() if keep.any() else np.nan)
-    return float(np.nanmean(scores))
-
-
-def compute_metric(name, pred, y):
-    """Reported error metrics (lower is better), on the *whole* evaluation set (not averaged over chunks as the
-    official code does). pred: logits / predictions (N, ...); y: targets (N, ...), numpy arrays."""
-    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
-    if name == "error":  # 0-1 error (fraction; the papers print it in %)
-        return float((pred.argmax(1) != y).mean())
-    if name == "1-f1":  # ECG: 1 - macro F1 over all classes
-        return float(1 - f1_score(y, pred.argmax(1), labels=list(range(pred.shape[1])), average="macro",
-                                  zero_division=0))
-    if name == "1-auroc":  # multi-label: mean per-class AUROC over classes with both labels; dense: one AUROC
-        if pred.ndim == 2 and y.ndim == 2:
-            cols = [c for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
-            return float(1 - np.mean([roc_auc_score(y[:, c], pred[:, c]) for c in cols]))
-        return float(1 - roc_auc_score(y.reshape(-1), pred.reshape(-1)))
-    if name == "1-map":  # FSD50K: 1 - mean per-class average precision
-        cols = [c for c in range(y.shape[1]) if y[:, c].sum() > 0]
-        return float(1 - np.mean([average_precision_score(y[:, c], pred[:, c]) for c in cols]))
-    p, t = pred.reshape(len(pred), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
-    if name == "nrmse":
-        return float((np.sqrt(((p - t) ** 2).mean(1)) / np.sqrt((t ** 2).mean(1))).mean())
-    if name == "rel_l2":
-        return float((np.linalg.norm(p - t, axis=1) / np.linalg.norm(t, axis=1)).mean())
-    if name == "mse":
-        return float(((p - t) ** 2).mean())
-    if name == "mae8":
-        return mae8(pred.reshape(len(pred), *pred.shape[-2:]), y.reshape(len(y), *y.shape[-2:]))
-    raise ValueError(f"unknown metric {name}")
-
-
-def task_loss(task, pred, y):
-    """The task's training loss, after the task's optional decoding (Darcy: back to physical units)."""
-    if task.decode is not None:
-        pred, y = task.decode(pred), task.decode(y)
-    return compute_loss(task.loss, pred, y, task.pos_weight)
-
-
-@torch.no_grad()
-def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
-    """Run the model over a dataset; returns (predictions, targets) as CPU float tensors."""
-    model.eval()
-    preds, ys = [], []
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        with ctx:
-            preds.append(model(x.to(device)).float().cpu())
-        ys.append(y)
-    return torch.cat(preds), torch.cat(ys)
-
-
-def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
-    """{"loss", "score"} of a model on a dataset: the task loss per sample and the task metric on the whole set."""
-    pred, y = predict(model, dataset, batch_size, device, ctx)
-    loss = task_loss(task, pred, y).item() / (len(pred) if task.loss in SUMMED_LOSSES else 1)
-    if task.decode is not None:
-        pred, y = task.decode(pred), task.decode(y)
-    return {"loss": loss, "score": compute_metric(task.metric, pred.numpy(), y.numpy())}
 
 
 # ---- optimiser and schedule ----------------------------------------------------------------------------------

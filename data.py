@@ -39,8 +39,8 @@ class Task:
     kind: str  # classification | multilabel | regression | dense
     in_shape: tuple
     out_shape: tuple
-    loss: str  # ce | bce | mse | rmse | nrmse | rel_l2 (common.compute_loss)
-    metric: str  # error | 1-f1 | 1-auroc | 1-map | nrmse | rel_l2 | mae8 (common.compute_metric)
+    loss: str  # ce | bce | mse | rmse | nrmse | rel_l2 (metrics.compute_loss)
+    metric: str  # error | 1-f1 | 1-auroc | 1-map | nrmse | rel_l2 | mae8 (metrics.compute_metric)
     train: Dataset
     val: Dataset
     test: Dataset

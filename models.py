@@ -24,7 +24,7 @@ def in_float32(fn):
     """Decorator: fn runs with autocast off and its float16 / bfloat16 tensor arguments cast to float32 (float32 and
     float64 ones, and everything else, pass unchanged; a float32 run on the CPU is bit for bit what it was).
 
-    The heads and common.compute_loss use it (the metrics then see float32 predictions, and compute in float64): the
+    The heads and metrics.compute_loss use it (the metrics then see float32 predictions, and compute in float64): the
     official code runs in float32 throughout, and bfloat16 keeps 8 significant bits, so a perfect prediction of an
     O(1) field rounded to bfloat16 already has an nRMSE of ~1.5e-3, the size of the errors the papers report on
     PDEBench (issue 18). The body keeps the autocast dtype (the cost is there); only the small head and what follows

@@ -9,7 +9,7 @@ memory-mapped afterwards (`cached`). A loader returns make_task's arguments as a
 
 Official bugs fixed here (marked `FIX:` below; docs/data.md lists them): PSICOV MAE@8 on each protein's own length
 and no MSE broadcasting; Cosmic test images without a random sky level (AUROC on scores and metrics on the whole
-evaluation set are in common.compute_metric); PDE-Burgers sequence length from the real length 1024; PDE-RD target =
+evaluation set are in metrics.compute_metric); PDE-Burgers sequence length from the real length 1024; PDE-RD target =
 the final step, not step 29; PDE-RD2D maps (u, v) to (u, v), not u to v; PDE-1DCFD targets with their own
 normaliser and the metric in physical units; one download attempt instead of ORCA's endless retry loop.
 
