@@ -69,8 +69,8 @@ def get_args(argv=None):
     g.add_argument("--source", default="auto",
                    help="labelled source data: auto (the official conll / cifar10, downloaded on benchmark tasks, "
                         "used on others when in --data_dir; else the proxy docstrings for text bodies, digits for "
-                        "vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | none (= plain "
-                        "fine-tuning)")
+                        "vision, synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | "
+                        "none (= plain fine-tuning)")
     # --embedder_epochs: the name every method gives its embedder stage (design.md's command line, as proposed.py)
     g.add_argument("--meta_epochs", "--embedder_epochs", type=float, default=None,
                    help="I_1 in passes over the target training set (default 5; offline / custom tasks: --meta_steps); "
