@@ -92,6 +92,11 @@ def get_args(argv=None):
     g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True, help="predict the change")
     g.add_argument("--head", default="tokens", choices=["tokens", "pooled"],
                    help="tokens: each PDE token back to an S x S map, then mixed (ours); pooled: official")
+    g.add_argument("--fno_skip", action=argparse.BooleanOptionalAction, default=True,
+                   help="--head tokens also mixes the FNO's hidden maps (ours; docs/ups.md)")
+    g.add_argument("--use_body", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-use_body: the FNO embedder and head alone, the body replaced by the identity (the "
+                   "comparison the paper's claim rests on; use with --align_epochs 0)")
     g = parser.add_argument_group("UPS stage 1 (alignment, body frozen) and few-shot transfer")
     g.add_argument("--align_epochs", type=int, default=5, help="embedder alignment epochs (0 = skip; official 20)")
     g.add_argument("--align_objective", default="mmd", choices=["mmd", "otdd", "none"],
@@ -373,22 +378,25 @@ class FNOEmbedder(nn.Module):
         tokens = self.norm(self.to_token(h.flatten(2)))  # (B, W, D): hidden channel -> token
         if text is not None:
             tokens = torch.cat([text, tokens], 1)  # (B, T_text + W, D)
-        return self.norm2(tokens + self.pos), (self.fno_head(h) if with_fno else None)
+        return self.norm2(tokens + self.pos), (self.fno_head(h) if with_fno else None), h
 
 
 class TokenHead(nn.Module):
     """METHOD: (ours, --head tokens) features (B, L, D) -> (B, C_MAX, S, S). Each of the last W (PDE) tokens goes
     back to an S x S map, the inverse of the embedder's channel -> token map, and the W maps are mixed pointwise
-    into the C_MAX channels, as the FNO's own output head (fc1, GELU, fc2) does."""
+    into the C_MAX channels, as the FNO's own output head (fc1, GELU, fc2) does. With skip (--fno_skip, ours) the
+    FNO's W hidden maps are mixed in too: a channel -> token -> map round trip through D numbers per map cannot carry
+    a pointwise local update at full resolution (the 2D reaction-diffusion family stayed at persistence without it)."""
 
-    def __init__(self, dim, width, size):
+    def __init__(self, dim, width, size, skip=False):
         super().__init__()
-        self.width, self.size = width, size
+        self.width, self.size, self.skip = width, size, skip
         self.to_map = nn.Linear(dim, size * size)
-        self.mix = nn.Sequential(nn.Conv2d(width, 128, 1), nn.GELU(), nn.Conv2d(128, C_MAX, 1))
+        self.mix = nn.Sequential(nn.Conv2d(width * (1 + skip), 128, 1), nn.GELU(), nn.Conv2d(128, C_MAX, 1))
 
-    def forward(self, features):
-        return self.mix(self.to_map(features[:, -self.width:]).unflatten(2, (self.size, self.size)))
+    def forward(self, features, hidden=None):
+        maps = self.to_map(features[:, -self.width:]).unflatten(2, (self.size, self.size))  # (B, W, S, S)
+        return self.mix(torch.cat([maps, hidden], 1) if self.skip else maps)
 
 
 def tokenizer_name(body):
@@ -432,10 +440,10 @@ class UPSModel(nn.Module):
         self.register_buffer("text", describe(body, [s["text"] for s in specs]) if args.text else None)
         self.embedder = FNOEmbedder(args.size, args.width, args.modes, args.fno_layers, body.dim,
                                     0 if self.text is None else self.text.shape[1], body)
-        self.body, self.residual = body, args.residual
+        self.body, self.residual, self.use_body = body, args.residual, getattr(args, "use_body", True)
         self.pooled = args.head == "pooled"  # official: Linear(D, C*S*S) on the mean over tokens
         self.head = nn.Linear(body.out_dim, C_MAX * args.size ** 2) if self.pooled else \
-            TokenHead(body.out_dim, args.width, args.size)
+            TokenHead(body.out_dim, args.width, args.size, getattr(args, "fno_skip", False))
         if self.residual:  # ours: the model starts as persistence (next state = current state)
             last = self.head if self.pooled else self.head.mix[-1]
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
@@ -445,17 +453,18 @@ class UPSModel(nn.Module):
         slots = [SLOT[q] for q in spec["channels"]]
         return self.mean[fam, slots].cpu(), self.std[fam, slots].cpu()
 
-    def embed(self, x, with_fno=False):  # -> tokens (B, L, D), masked FNO prediction or None, state, family ids
-        state, fam = x[:, :-1], x[:, -1, 0, 0].round().long()
-        tokens, fno = self.embedder(state, self.grids[fam], None if self.text is None else self.text[fam], with_fno)
+    def embed(self, x, with_fno=False):  # -> tokens (B, L, D), masked FNO prediction or None, state, family ids,
+        state, fam = x[:, :-1], x[:, -1, 0, 0].round().long()  # FNO hidden maps (B, W, S, S)
+        tokens, fno, hidden = self.embedder(state, self.grids[fam], None if self.text is None else self.text[fam],
+                                            with_fno)
         if fno is not None:
             fno = (fno + state if self.residual else fno) * self.masks[fam]
-        return tokens, fno, state, fam
+        return tokens, fno, state, fam, hidden
 
     def forward(self, x):
-        tokens, _, state, fam = self.embed(x)
-        features = self.body(tokens)  # (B, L, D)
-        out = self.head(features.mean(1)).reshape(state.shape) if self.pooled else self.head(features)
+        tokens, _, state, fam, hidden = self.embed(x)
+        features = self.body(tokens) if self.use_body else tokens  # (B, L, D)
+        out = self.head(features.mean(1)).reshape(state.shape) if self.pooled else self.head(features, hidden)
         # METHOD: missing quantities (and the copies of a 1D row) are masked out, as the official out *= mask
         return (out + state if self.residual else out) * self.masks[fam]
 
@@ -480,7 +489,7 @@ def align_embedder(model, task, args, run, device):
     run.truncate("align")  # a stage 1 redone after a kill logs its steps again
     for epoch in range(args.align_epochs):
         for x, y in common.epoch_loader(task.train, args.align_batch, args.seed, 10_000 + epoch):
-            tokens, fno_pred, _, fam = model.embed(x.to(device), with_fno=True)
+            tokens, fno_pred, _, fam, _ = model.embed(x.to(device), with_fno=True)
             fno_loss = common.compute_loss("nrmse", fno_pred, y.to(device))
             pooled = tokens.mean(1)  # (B, D), as the official feats2.mean(1)
             if not torch.isfinite(pooled).all():  # a diverged embedder: stop here, not inside otdd.py
@@ -572,7 +581,8 @@ if __name__ == "__main__":
     # model: FNO embedder -> (pretrained) text body -> linear head
     specs = [family_spec(f, args.size) for f in table]
     model = UPSModel(common.build_body(args.body, args.pretrained), specs, args, [stats[f] for f in table]).to(device)
-    print("params {:,}/{:,}".format(*common.count_params(model)), f"| tokens per state {len(model.embedder.pos)}")
+    print("params {:,}/{:,}".format(*common.count_params(model)), f"| tokens per state {len(model.embedder.pos)}",
+          "| FNO embedder + head {:,}".format(sum(common.count_params(m)[1] for m in (model.embedder, model.head))))
 
     # METHOD: stage 1, align the embedder, body frozen
     if args.resume and (run.dir / "embedder.pt").exists():

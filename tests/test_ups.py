@@ -151,6 +151,19 @@ def test_spectral_layers_run_in_float32_under_bfloat16_autocast(monkeypatch):
     assert seen == [torch.float32] * args.fno_layers and torch.isfinite(out).all()
 
 
+def test_fno_only_model_never_runs_the_body(monkeypatch):
+    """--no-use_body: the FNO embedder and head alone (the comparison of issue 17); with the body it is called."""
+    specs = [dict(ups.FAMILIES["reacdiff2d"], n=16)]
+    x = ups.pack(torch.randn(2, ups.C_MAX, 16, 16), 0)
+    for flag, calls in (("--no-use_body", 0), ("--use_body", 1)):
+        args = ups.get_args(["--body", "tiny", "--size", "16", "--modes", "4", "--width", "4", flag])
+        body, seen = common.build_body("tiny"), []
+        model = ups.UPSModel(body, specs, args)
+        forward = body.forward
+        monkeypatch.setattr(body, "forward", lambda *a, **k: (seen.append(1), forward(*a, **k))[1])
+        assert model(x).shape == (2, ups.C_MAX, 16, 16) and len(seen) == calls
+
+
 def test_smoke_run_tiny(run, tmp_path):
     proc, final = run("ups.py", "--body", "tiny", "--n_train", 2, "--n_test", 2, "--epochs", 1, "--align_epochs", 1,
                       "--fewshot_n", 2, "--fewshot_epochs", 1, "--width", 4, "--modes", 4)
