@@ -36,6 +36,8 @@ Deviations from the official code:
   persistence; the official head predicts the state, which a few hundred CPU steps leave far behind persistence.
 - `--head tokens` (default): each PDE token is mapped back to an S x S map and the maps are mixed pointwise (the
   inverse of the embedder); at our budget it learned faster than the official pooled head (docs/ups.md).
+  `--fno_skip` (default): it also mixes the FNO's hidden maps, so a pointwise update need not pass through D numbers
+  per map (without it the offline 2D family stayed at persistence). `--no-use_body`: the FNO and head alone.
 - CPU-sized defaults: width 16 (official 32), 5 + 2 epochs (20 + 100), lr 3e-4 (5e-5), stage-1 lr 1e-3.
 - The packed input carries a constant plane with the family id, by which the model looks up grid, mask and text, so
   the shared common.fit / evaluate loop runs unchanged (the official loader returns ((x, text), (y, mask))).
@@ -96,7 +98,7 @@ def get_args(argv=None):
                    help="--head tokens also mixes the FNO's hidden maps (ours; docs/ups.md)")
     g.add_argument("--use_body", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-use_body: the FNO embedder and head alone, the body replaced by the identity (the "
-                   "comparison the paper's claim rests on; use with --align_epochs 0)")
+                   "comparison the paper's claim rests on; --align_objective none: stage 1 on the FNO loss)")
     g = parser.add_argument_group("UPS stage 1 (alignment, body frozen) and few-shot transfer")
     g.add_argument("--align_epochs", type=int, default=5, help="embedder alignment epochs (0 = skip; official 20)")
     g.add_argument("--align_objective", default="mmd", choices=["mmd", "otdd", "none"],
