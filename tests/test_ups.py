@@ -12,11 +12,14 @@ import common
 import official_data
 import ups
 
-MIX = [  # (spec, batch): 1D and 2D, one or two channels, native grids coarser than the unified one
+MIX = [  # (spec, batch): 1D and 2D, one to four channels, native grids coarser than the unified one
     (dict(dim=1, channels=("u",), n=16), 3),
     (dict(dim=1, channels=("v",), n=8), 2),
     (dict(dim=2, channels=("u", "v"), n=16), 2),
     (dict(dim=2, channels=("v",), n=8), 1),
+    (dict(dim=1, channels=("Vx", "density", "pressure"), n=16), 2),  # 1D CFD: no Vy
+    (dict(dim=2, channels=("Vx", "Vy", "density", "pressure"), n=16), 2),  # 2D CFD: every slot
+    (dict(dim=2, channels=("h",), n=16), 1),  # shallow water: the height in the first slot
 ]
 
 
@@ -25,10 +28,12 @@ def test_unified_round_trip_is_exact_for_a_mix_of_families():
     fields = [torch.randn(B, len(s["channels"]), *(s["n"],) * s["dim"]) for s, B in MIX]
     unified = [ups.to_unified(f, s, size=16) for f, (s, _) in zip(fields, MIX)]
     batch = torch.cat([u for u, _ in unified])  # one tensor for the whole mix
-    assert batch.shape == (8, ups.C_MAX, 16, 16)
+    assert ups.C_MAX == 4 and batch.shape == (sum(B for _, B in MIX), 4, 16, 16)
     for f, chunk, (s, _), (_, mask) in zip(fields, batch.split([B for _, B in MIX]), MIX, unified):
         assert torch.equal(ups.from_unified(chunk, s), f)
-        absent = [c for c, q in enumerate(ups.QUANTITIES) if q not in s["channels"]]
+        slots = [ups.SLOT[q] for q in s["channels"]]
+        assert torch.equal(chunk[:, slots, 0, :: 16 // s["n"]], f if s["dim"] == 1 else f[:, :, 0])  # by name
+        absent = [c for c in range(ups.C_MAX) if c not in slots]
         assert chunk[:, absent].abs().sum() == 0 and mask[:, absent].sum() == 0  # missing quantity: zero, masked
         present = mask.sum() / len(f) / len(s["channels"])
         assert present == (16 if s["dim"] == 1 else 256)  # 1D: one row counts; 2D: the whole grid
@@ -131,22 +136,32 @@ def test_untrained_residual_model_is_persistence(head):
         assert r["nrmse"] > 0.5  # random data: persistence is far off, so the equality above is not trivial
 
 
-def test_pdebench_files_are_read_as_trajectories(tmp_path):
-    h5py = pytest.importorskip("h5py")
-    import data
-    if not hasattr(data, "pde_trajectories"):
-        pytest.skip("data.py has no PDEBench trajectory reader (pde_trajectories) yet")
-    with h5py.File(tmp_path / official_data.PDE_FILES["pde_advection"][0], "w") as f:  # PDEBench 1D layout (N, T, X)
-        f["tensor"] = np.arange(40 * 21 * 64, dtype=np.float32).reshape(40, 21, 64)
-    # grouped layout: data (T, X, Y, V)
-    with h5py.File(tmp_path / official_data.PDE_FILES["pde_diffusion_reaction_2d"][0], "w") as f:
-        for i in range(20):
-            f[f"{i:04d}/data"] = np.full((21, 64, 64, 2), i, dtype=np.float32)
-    a = ups.family_trajectories("pde_advection", "test", 9, tmp_path)
-    assert a.shape == (4, 11, 1, 32)  # test = the first 10 % of 40
-    assert np.array_equal(a[:, :, 0], np.arange(40 * 21 * 64).reshape(40, 21, 64)[:4, ::2, ::2])
-    b = ups.family_trajectories("pde_diffusion_reaction_2d", "train", 5, tmp_path)
-    assert b.shape == (5, 11, 2, 32, 32) and b[:, 0, 0, 0, 0].tolist() == [3, 4, 5, 6, 7]
+def test_spectral_layers_run_in_float32_under_bfloat16_autocast(monkeypatch):
+    """The FFTs see float32 inputs under bfloat16 autocast (CUDA autocast would pass bfloat16 through; CPU autocast
+    upcasts inside the FFT op, below the Python call recorded here, so this test sees what a GPU would get)."""
+    seen, rfft2 = [], torch.fft.rfft2
+    monkeypatch.setattr(torch.fft, "rfft2", lambda x, *a, **k: (seen.append(x.dtype), rfft2(x, *a, **k))[1])
+    args = ups.get_args(["--body", "tiny", "--size", "16", "--modes", "4", "--width", "4"])
+    model = ups.UPSModel(common.build_body("tiny"), [dict(ups.FAMILIES["reacdiff2d"], n=16)], args)
+    x = ups.pack(torch.randn(2, ups.C_MAX, 16, 16), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lifted = model.embedder.lift(torch.cat([x[:, :-1], model.grids[[0, 0]]], 1))
+        out = model(x)
+    assert lifted.dtype == torch.bfloat16  # autocast is on: without the guard the spectral input would be bfloat16
+    assert seen == [torch.float32] * args.fno_layers and torch.isfinite(out).all()
+
+
+def test_fno_only_model_never_runs_the_body(monkeypatch):
+    """--no-use_body: the FNO embedder and head alone (the comparison of issue 17); with the body it is called."""
+    specs = [dict(ups.FAMILIES["reacdiff2d"], n=16)]
+    x = ups.pack(torch.randn(2, ups.C_MAX, 16, 16), 0)
+    for flag, calls in (("--no-use_body", 0), ("--use_body", 1)):
+        args = ups.get_args(["--body", "tiny", "--size", "16", "--modes", "4", "--width", "4", flag])
+        body, seen = common.build_body("tiny"), []
+        model = ups.UPSModel(body, specs, args)
+        forward = body.forward
+        monkeypatch.setattr(body, "forward", lambda *a, **k: (seen.append(1), forward(*a, **k))[1])
+        assert model(x).shape == (2, ups.C_MAX, 16, 16) and len(seen) == calls
 
 
 def test_smoke_run_tiny(run, tmp_path):
@@ -156,7 +171,7 @@ def test_smoke_run_tiny(run, tmp_path):
     assert set(final["families"]) == {"advection", "burgers", "reacdiff", "reacdiff2d"}
     for r in final["families"].values():
         assert all(np.isfinite(v) and v > 0 for v in r.values())
-    assert set(final["fewshot"]) >= {"zero_shot", "ups", "scratch"}
+    assert set(final["fewshot"]["burgers_nu0.05"]) >= {"zero_shot", "ups", "scratch"}
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["test_score"] == final["test_score"]
     assert (out / "embedder.pt").exists() and (out / "ckpt.pt").exists()
