@@ -27,13 +27,12 @@ Files are never read whole: only the samples a split uses, one at a time (h5py r
 memory-mapped .npy cache per (family, split, samples, resolution) under <data_dir>/cache/ups/.
 """
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
 from errors import UserError
-from official_data import DARUS, PDEBENCH, PDE_FILES, fetch
+from official_data import DARUS, PDEBENCH, PDE_FILES, fetch, write_atomic
 
 
 def _file(name, dim, channels, time, fraction, text, darus=None):
@@ -144,19 +143,13 @@ def trajectories(family, split, n, data_dir, num=None, n_val=10):
             if first.shape[1:] != expect:
                 raise UserError(f"family '{family}': a sample of {path.name} reads as {first.shape[1:]} per step, "
                                 f"not (channels, space) = {expect}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npy")
-            try:  # written sample by sample into a memory map, then renamed: a kill leaves no half cache
+            def fill(tmp):  # sample by sample into a memory map (a split can exceed memory)
                 a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(idx),) + first.shape)
                 a[0] = first
                 for j, i in enumerate(idx[1:], 1):
                     a[j] = _sample(f, kind, keys, i, spec["channels"], spec["time"], space, spec["dim"])
                 a.flush()
-                del a
-                os.replace(tmp, out)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            write_atomic(out, fill)  # a kill mid-write leaves no half cache
     return np.load(out, mmap_mode="r")
 
 
