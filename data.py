@@ -615,6 +615,12 @@ def default_source(body, data_dir="./datasets", task=None):
         return proxy
 
 
+
+def resolve_source(name, body, data_dir, task):
+    """The source a method reads for its --source flag: `auto` is default_source's choice for this body and task (a
+    download on a benchmark task), any other name is taken as given."""
+    return default_source(body, data_dir, task) if name == "auto" else name
+
 @torch.no_grad()
 def embed_source(body, x):
     """Source tokens through the body's *pretrained* input embedding: (B, T) ids or (B, 3, H, W) -> (B, T', D).

@@ -272,7 +272,7 @@ if __name__ == "__main__":
         device = common.get_device(args.device)
         common.seed_everything(args.seed)
         body = common.build_body(args.body, args.pretrained).to(device)
-        name = data.default_source(body, args.data_dir, args.task) if args.source in ("auto", "none") else args.source
+        name = data.resolve_source("auto" if args.source == "none" else args.source, body, args.data_dir, args.task)
         source_set = data.load_source(name, body, args.data_dir)
         before = linear_probe(body, source_set, args.probe_samples, args.seed, device)
         state = common.load_checkpoint(args.probe_ckpt, "--probe_ckpt", device)
@@ -299,7 +299,7 @@ if __name__ == "__main__":
     meta_steps = 0 if source == "none" else meta_steps
     source_set = None
     if meta_steps > 0 or args.distortion:  # the probe needs source data even for plain fine-tuning
-        source = data.default_source(model.body, args.data_dir, args.task) if source in ("auto", "none") else source
+        source = data.resolve_source("auto" if source == "none" else source, model.body, args.data_dir, args.task)
         source_set = data.load_source(source, model.body, args.data_dir)
         source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]
         args.source_batch_size = source_batch_size(args, model.embedder.num_tokens, source_tokens)

@@ -244,7 +244,7 @@ if __name__ == "__main__":
     elif args.embedder_epochs > 0 and args.source != "none":
         t0 = time.time()
         # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
-        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
+        source = data.resolve_source(args.source, model.body, args.data_dir, args.task)
         align["source"] = source
         # the source features depend on the body's weights: a random body (--no-pretrained, tiny) gets its own cache
         body_key = f"{args.body}|pretrained" if args.pretrained and args.body != "tiny" else \

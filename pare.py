@@ -281,7 +281,7 @@ if __name__ == "__main__":
         common.fit(model, task, args, run, device)
     else:
         # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
-        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
+        source = data.resolve_source(args.source, model.body, args.data_dir, args.task)
         info["source"] = source
         # METHOD: source (proxy) data with labels, embedded per step by the body's frozen pretrained embedding
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)

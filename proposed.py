@@ -481,7 +481,7 @@ if __name__ == "__main__":
         common.fit(model, task, args, run, device)
     else:
         # auto: the official source, downloaded on a benchmark task; a proxy (one line says why) otherwise
-        source = data.default_source(model.body, args.data_dir, args.task) if args.source == "auto" else args.source
+        source = data.resolve_source(args.source, model.body, args.data_dir, args.task)
         source_set = data.load_source(source, model.body, args.data_dir, n=args.source_n, seed=args.seed)
         num_tokens = model.embedder.num_tokens
         source_tokens = data.embed_source(model.body, source_set.tensors[0][:1]).shape[1]

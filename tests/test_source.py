@@ -100,6 +100,12 @@ def test_offline_tasks_never_download(tmp_path, monkeypatch, capsys):
     assert not source_lines(capsys.readouterr().out)
 
 
+def test_resolve_source_takes_a_named_source_as_given_and_auto_from_default_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(official_data, "fetch", no_download)
+    assert data.resolve_source("docstrings", body("vision", 128), tmp_path, "cifar100") == "docstrings"
+    assert data.resolve_source("auto", body("vision", 128), tmp_path, "gunpoint") == "digits"
+    assert data.resolve_source("auto", body("tiny", 64), tmp_path, "cifar100") == "synthetic"
+
 def test_text_body_that_cannot_read_conll_says_so_on_benchmark_tasks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(official_data, "fetch", no_download)  # 384-wide MiniLM: CoNLL features are 768 wide
     assert data.default_source(body("text", 384), tmp_path, "gunpoint") == "docstrings"
