@@ -95,13 +95,13 @@ def test_auto_defaults_from_the_data(tmp_path):
     task = data.get_task("custom", data_path=_custom(tmp_path))
     d = common.auto_defaults(task)
     assert len(task.val) == 0 and d["select"] == "last"  # 6 validation samples would be noise: none is carved
-    assert common.Embedder1D(1, 151, 64, d["target_seq_len"]).stride >= 8  # >= 8 values per token
+    assert common.Embedder1D(1, 151, 64, d["target_seq_len"]).stride >= 16  # >= 16 values per token
     assert d["target_seq_len"] <= 32 and d["batch_size"] == 8 and d["input_norm"] == "channel"
     steps = d["epochs"] * -(-len(task.train) // d["batch_size"])
     assert common.AUTO_STEPS <= steps < common.AUTO_STEPS + len(task.train)  # a step budget, not an epoch count
     big = data.get_task("digits")
     assert common.auto_defaults(big)["select"] == "best" and len(big.val) >= 50
-    assert common.auto_defaults(big)["target_seq_len"] == 16  # 8x8 images: 2x2 patches
+    assert common.auto_defaults(big)["target_seq_len"] == 4  # 8x8 images: 4x4 patches (16 values)
 
 
 def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
