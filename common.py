@@ -602,7 +602,9 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         t0 = time.time()
         # the order of epoch_loader; this rank's micro-batches of it (all of them on one process)
         micro = distributed.micro_batches(epoch_order(len(task.train), args.seed, epoch), args.batch_size, args.accum)
-        loader = torch.utils.data.DataLoader(task.train, batch_sampler=[idx.tolist() for _, idx in micro])
+        # (its own generator: a loader draws a base seed from it, which must not move the global RNG state)
+        loader = torch.utils.data.DataLoader(task.train, batch_sampler=[idx.tolist() for _, idx in micro],
+                                             generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if distributed.is_main() else True)
         for i, ((m, _), (x, y)) in enumerate(zip(micro, bar)):
             x, y = x.to(device), y.to(device)
