@@ -30,6 +30,10 @@ Deviations from the official code (orca_pare_reference.md sections 2, 3 and 6):
   copied), so that it is exactly finetune.py; the official code re-initialises the embedder in that case.
 - Validation is carved from the training split and the best-on-validation checkpoint is tested (the official code
   selects the epoch on the test set). Stage 2 always runs in float32.
+
+Under torchrun: stage 2 runs whole and identically on every rank (same seed, same class subsets; a class's OTDD is not
+split between processes, so stage 2 is not faster on more GPUs); stage 3 splits each batch between the ranks
+(common.fit, DDP); rank 0 alone writes embedder.pt, the checkpoints and the log, and prints.
 """
 import argparse
 import math

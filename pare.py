@@ -33,6 +33,10 @@ Deviations from the official code (orca_pare_reference.md sections 5 and 6.3):
 - Source tokens come from the body's own frozen pretrained input embedding (data.embed_source); source sequences may
   be shorter than the target's (T < N), so k <= min(N, T). Validation is carved from the training split and the best
   validation checkpoint is tested (official: best/last on the test set). Darcy's "Wv" fine-tuning is not reproduced.
+
+Under torchrun: every rank runs its rows of each micro-batch, and the same rows of the paired source batch, through the
+whole PaRe step, which common.fit wraps in DDP (it finds the gate's missing gradient in phase B and in unmixed steps);
+the Gumbel noise is drawn for the whole micro-batch on every rank, so 2 processes draw what 1 does; rank 0 writes.
 """
 import argparse
 import math

@@ -29,6 +29,10 @@ the raw cosine can be negative and break the log (--similarity); sums over i, j 
 k-means pseudo-class (data.class_labels); noise on train-standardised data; patch score = attention received, mean over
 queries, as log-probabilities of PaRe's Gumbel top-k; 001's P_l = clamp(1 - |J_h(d)(d~ - d)| / C, 0, 1) by one JVP.
 Stage 2 is adapted from pare.py and shares its deviations from the PaRe code.
+
+Under torchrun: stage 1 (a contrastive loss over all pairs of a batch) runs whole and identically on every rank; stage 2
+splits each micro-batch and its source batch between the ranks (common.fit, DDP), with the Gumbel noise drawn for the
+whole micro-batch as in pare.py; rank 0 alone writes and prints.
 """
 import argparse
 import math
