@@ -424,7 +424,8 @@ def bench_ddp(args):
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // nproc)), HF_HUB_OFFLINE="1")
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                 "finetune.py", "--task", "synthetic", "--body", args.body, "--no-pretrained", "--epochs", str(epochs),
-                "--batch_size", "16", "--target_seq_len", "64", "--device", args.device, "--out_dir", out, "--log_interval", "1000"]
+                "--batch_size", "16", "--target_seq_len", "64", "--device", args.device, "--out_dir", out,
+                "--log_interval", "1000"]
         t0 = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
