@@ -14,7 +14,9 @@ of processes W):
 - `rows` mode otherwise: each rank runs its 1/W slice of every micro-batch (sizes may differ by one row).
 Gradients are averaged by DDP and every loss is weighted by W x (its rows / the micro-batch's rows) before backward,
 so the step equals the 1-process step up to float summation order (a summed loss, metrics.SUMMED_LOSSES, is scaled
-back to the micro-batch's sum in metrics.task_loss).
+back to the micro-batch's sum in metrics.task_loss). In rows mode the random draws of a step equal the 1-process
+run's too; in accum mode each rank draws for its own micro-batches, so a random step (PaRe's Gumbel noise) differs.
+A rank that meets a non-finite loss stops with one error line, and torchrun then ends the other ranks.
 With world size 1 every function here returns its input or does nothing: the 1-process numbers are unchanged.
 """
 import atexit
@@ -75,7 +77,11 @@ def init(device="auto"):
 
 
 def destroy():
+    """At exit, while the interpreter is whole: collect any object still holding the process group (a DDP wrapper in
+    a reference cycle; gloo's threads can abort a process torn down with one alive), then destroy the group."""
     if dist.is_initialized():
+        import gc
+        gc.collect()
         dist.destroy_process_group()
 
 
