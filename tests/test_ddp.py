@@ -75,18 +75,31 @@ def assert_close(a, b, what):
         assert a == b, f"{what}: {a} != {b}"
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs(script) -> (root, 1-process stdout and FINAL, 2-process stdout and FINAL), each made once per module."""
+    made = {}
+
+    def get(script):
+        if script not in made:
+            root = tmp_path_factory.mktemp(script.removesuffix(".py"))
+            flags = [*SCRIPTS[script], "--data_dir", root / "data"]
+            made[script] = (root, run_script(script, *flags, "--out_dir", root / "one"),
+                            torchrun(script, *flags, "--out_dir", root / "two"))
+        return made[script]
+    return get
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_two_processes_end_as_one(script, tmp_path):
-    one_proc, one = run_script(script, *SCRIPTS[script], "--out_dir", tmp_path / "one", "--data_dir",
-                               tmp_path / "data")
-    two_proc, two = torchrun(script, *SCRIPTS[script], "--out_dir", tmp_path / "two", "--data_dir", tmp_path / "data")
+def test_two_processes_end_as_one(script, runs):
+    root, (one_proc, one), (two_proc, two) = runs(script)
     assert "distributed: 2 processes (gloo)" in two_proc.stdout
     assert_close(one["test_score"], two["test_score"], "test_score")
-    assert_close(records(tmp_path / "one"), records(tmp_path / "two"), "log.jsonl")
+    assert_close(records(root / "one"), records(root / "two"), "log.jsonl")
     assert_close({k: v for k, v in one.items() if k != "fewshot"}, {k: v for k, v in two.items() if k != "fewshot"},
                  "results")
     # rank 0 alone writes and prints: the same files as one process, each log line and the FINAL line once
-    assert files(tmp_path / "one") == files(tmp_path / "two")
+    assert files(root / "one") == files(root / "two")
     assert two_proc.stdout.count("config: ") == two_proc.stdout.count("FINAL ") == 1
     for line in ("eval epoch 0 ", "step 1/"):
         assert two_proc.stdout.count(line) == one_proc.stdout.count(line), line
@@ -105,18 +118,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_killed_two_process_run_resumes_as_an_uninterrupted_one(tmp_path):
-    flags = [*TINY, "--epochs", "3", "--data_dir", tmp_path / "data"]
-    out, ref = tmp_path / "out", tmp_path / "ref"
+def test_killed_two_process_run_resumes_as_an_uninterrupted_one(tmp_path, runs):
+    """finetune.py on 2 processes, rank 0 killed (-9) as it writes the resume point of epoch 1 (of 2); torchrun ends
+    rank 1; --resume on 2 processes ends with the numbers and the log of the uninterrupted 2-process run."""
+    root, _, (_, reference) = runs("finetune.py")
+    flags, out = [*SCRIPTS["finetune.py"], "--data_dir", tmp_path / "data"], tmp_path / "out"
     (tmp_path / "kill.py").write_text(KILL_AFTER_FIRST_EPOCH)
     killed, _ = torchrun("finetune.py", *flags, "--out_dir", out, check=False, wrapper=[tmp_path / "kill.py"])
     assert killed.returncode != 0 and common.load_checkpoint(out / "last.pt")["epoch"] == 0
     assert isinstance(common.load_checkpoint(out / "last.pt")["rng"], list)  # every rank's RNG state
     proc, resumed = torchrun("finetune.py", *flags, "--out_dir", out, "--resume")
     assert "resumed from" in proc.stdout
-    _, reference = torchrun("finetune.py", *flags, "--out_dir", ref)
     assert resumed["test_score"] == reference["test_score"] and resumed["test_loss"] == reference["test_loss"]
-    assert records(out) == records(ref) and len(records(out)) > 0
+    assert records(out) == records(root / "two") and len(records(out)) > 0
 
 
 # ---- in-process: the order, and the arithmetic of the split --------------------------------------------------
