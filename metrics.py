@@ -100,24 +100,27 @@ def task_loss(task, pred, y):
 
 
 @torch.no_grad()
-def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
+def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext(), shard=True):
     """Run the model over a dataset; returns (predictions, targets) as CPU float tensors. Under torchrun each rank
-    predicts its block of the rows and every rank gets all of them, in order (distributed.gather_rows)."""
+    predicts its block of the rows and every rank gets all of them, in order (distributed.gather_rows); shard=False:
+    every rank predicts every row in the same batches (a model whose output depends on the batch)."""
     model.eval()
     preds, ys = [], []
     n, part = len(dataset), dataset
-    if distributed.world() > 1:
+    if distributed.world() > 1 and shard:
         part = torch.utils.data.Subset(dataset, distributed.eval_indices(n))
     for x, y in torch.utils.data.DataLoader(part, batch_size=batch_size):
         with ctx:
             preds.append(model(x.to(device)).float().cpu())
         ys.append(y)
+    if part is dataset:
+        return torch.cat(preds), torch.cat(ys)
     return distributed.gather_rows(torch.cat(preds), n), distributed.gather_rows(torch.cat(ys), n)
 
 
-def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
+def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext(), shard=True):
     """{"loss", "score"} of a model on a dataset: the task loss per sample and the task metric on the whole set."""
-    pred, y = predict(model, dataset, batch_size, device, ctx)
+    pred, y = predict(model, dataset, batch_size, device, ctx, shard)
     loss = task_loss(task, pred, y).item() / (len(pred) if task.loss in SUMMED_LOSSES else 1)
     if task.decode is not None:
         pred, y = task.decode(pred), task.decode(y)

@@ -511,7 +511,8 @@ if __name__ == "__main__":
         d_stats = channel_stats([train_features(model, task, args, device)[0]], -1) if args.standardize else None
         wrapped = PerturbedForward(model, args.perturb_sigma, args.perturb_samples, d_stats, args.seed)
         ctx, _ = common.autocast_context(device, args.dtype)
-        val, test = (common.evaluate(wrapped, task, split, args.eval_batch_size, device, ctx)
+        # its noise is drawn per batch: every rank predicts the whole split in the same batches (not sharded)
+        val, test = (common.evaluate(wrapped, task, split, args.eval_batch_size, device, ctx, shard=False)
                      for split in (task.val, task.test))
         results.update(val_score=val["score"], test_score=test["score"], test_loss=test["loss"],
                        normal_test_score=results["test_score"])

@@ -30,6 +30,10 @@ SCRIPTS = {  # a few steps of every stage of each script; pare: phase A (Gumbel)
     "pare.py": [*TINY, "--epochs", "2"],
     "mona.py": [*TINY, "--epochs", "2", "--meta_steps", "2"],
     "proposed.py": [*TINY, "--epochs", "2", "--contrastive_epochs", "1"],
+    # version 001: contrastive training of the head with the JVP keep-probability; its perturbed test forward draws
+    # noise per batch, so every rank predicts the whole split (not sharded)
+    "proposed.py 001": [*TINY, "--epochs", "2", "--contrastive_epochs", "1", "--version", "001", "--predict",
+                        "perturb"],
     "ups.py": ["--body", "tiny", "--n_train", "2", "--n_test", "2", "--epochs", "2", "--align_epochs", "1",
                "--fewshot_n", "2", "--fewshot_epochs", "1", "--width", "4", "--modes", "4", "--batch_size", "8",
                "--log_interval", "1"],
@@ -77,15 +81,15 @@ def assert_close(a, b, what):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """runs(script) -> (root, 1-process stdout and FINAL, 2-process stdout and FINAL), each made once per module."""
+    """runs(name) -> (root, 1-process stdout and FINAL, 2-process stdout and FINAL), each made once per module."""
     made = {}
 
     def get(script):
         if script not in made:
-            root = tmp_path_factory.mktemp(script.removesuffix(".py"))
-            flags = [*SCRIPTS[script], "--data_dir", root / "data"]
-            made[script] = (root, run_script(script, *flags, "--out_dir", root / "one"),
-                            torchrun(script, *flags, "--out_dir", root / "two"))
+            root = tmp_path_factory.mktemp(script.replace(".py", "").replace(" ", "_"))
+            flags, file = [*SCRIPTS[script], "--data_dir", root / "data"], script.split()[0]
+            made[script] = (root, run_script(file, *flags, "--out_dir", root / "one"),
+                            torchrun(file, *flags, "--out_dir", root / "two"))
         return made[script]
     return get
 
