@@ -217,6 +217,15 @@ def sum_logged(values, weight):
     return t.tolist()
 
 
+def sum_grads(params):
+    """Sum each parameter's .grad over the ranks (a parameter without one counts as zeros): for a stage that splits
+    a sum of losses between the ranks by hand (ORCA's per-class OTDD) instead of through DDP."""
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            dist.all_reduce(p.grad)
+
+
 def gather_rows(t, n):
     """Concatenate every rank's equal-sized tensor along dim 0 (rank order) and keep the first n rows."""
     if world() == 1:
