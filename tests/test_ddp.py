@@ -8,7 +8,7 @@ killed after its first epoch resumes and ends as an uninterrupted one. The arith
 W weighted shares = the 1-process gradient, for mean and summed losses, uneven and padded micro-batches, --accum
 divided) is checked in-process with a simulated world of 2.
 
-    python -m pytest tests/test_ddp.py -q        # CPU, 2 cores: about 2 minutes
+    python -m pytest tests/test_ddp.py -q        # CPU, 2 cores: about 2.5 minutes (16 tests)
 """
 import json
 import os
