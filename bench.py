@@ -7,6 +7,8 @@ Sections (the BENCHES dict at the bottom):
          same body (--body), same batch.
   mona   one MoNA stage-1 meta step (second-order virtual update + source pass) over one plain fine-tuning step,
          same body (--body), same target batch, on gunpoint and digits; ratio_meta_step is the larger ratio.
+  ddp    steps/s of finetune.py under torchrun, 2 processes against 1, the same global batch (CPU: gloo; the real
+         figure comes from a GPU node): python bench.py ddp --body tiny
   suite  the development suite (data.SUITE: real data sets that installed packages ship): a method script with
          default flags over every set and seed, next to 1-NN (Euclidean, scikit-learn) and plain fine-tuning:
          python bench.py suite --method orca --seeds 0 1 2 [--jobs 2] [--args "--finetune norms"]
@@ -402,9 +404,55 @@ def bench_suite(args):
     print("BENCH " + json.dumps(summary))
 
 
+# ---- ddp ----------------------------------------------------------------------------------------------------------
+
+def bench_ddp(args):
+    """Training throughput of finetune.py under torchrun with 2 processes against 1 (gloo on the CPU, nccl on GPUs),
+    the same global batch: synthetic task, --body with random weights (the architecture is what costs), each process
+    given threads / processes CPU threads. Each setting runs for 1 and 1 + E epochs; steps/s is the difference of steps
+    over the difference of wall times, so start-up (imports, process group, model) cancels."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import tempfile
+    cpus, gpus = os.cpu_count(), torch.cuda.device_count() if args.device == "cuda" else 0
+    threads = args.threads_flag or cpus  # in all, shared by the processes
+    extra_epochs = 2 * args.repeats
+
+    def timed_run(nproc, epochs, out):
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // nproc)), HF_HUB_OFFLINE="1")
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                "finetune.py", "--task", "synthetic", "--body", args.body, "--no-pretrained", "--epochs", str(epochs),
+                "--batch_size", "16", "--target_seq_len", "64", "--device", args.device, "--out_dir", out,
+                "--log_interval", "1000"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench ddp: run failed ({nproc} processes)\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+        steps = max(json.loads(line).get("step", 0) for line in open(os.path.join(out, "log.jsonl")))
+        return time.perf_counter() - t0, steps
+
+    rate = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for nproc in (1, 2):
+            (t1, s1), (t2, s2) = (timed_run(nproc, e, os.path.join(tmp, f"p{nproc}e{e}"))
+                                  for e in (1, 1 + extra_epochs))
+            rate[nproc] = (s2 - s1) / (t2 - t1)
+    machine = f"{platform.machine()} {platform.processor() or platform.node()}, {cpus} CPU cores, {gpus} GPUs"
+    print(f"machine: {machine}; torch {torch.__version__}; device {args.device}; body {args.body} (random weights), "
+          f"synthetic, 64 tokens, global batch 16; {threads} CPU threads in all")
+    print(f"{'processes':<10}{'steps/s':>10}{'x 1':>8}")
+    for nproc, r in rate.items():
+        print(f"{nproc:<10}{r:>10.2f}{r / rate[1]:>8.2f}")
+    summary = dict(section="ddp", machine=machine, device=args.device, threads=threads, body=args.body,
+                   steps_per_s_1=rate[1], steps_per_s_2=rate[2], speedup_2=rate[2] / rate[1])
+    print("BENCH " + json.dumps(summary))
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
-BENCHES = {"otdd": bench_otdd, "pare": bench_pare, "mona": bench_mona, "suite": bench_suite}
+BENCHES = {"otdd": bench_otdd, "pare": bench_pare, "mona": bench_mona, "suite": bench_suite, "ddp": bench_ddp}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,7 +460,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of the slowest variant")
-    parser.add_argument("--body", default="minilm", help="pare, mona: the body both steps run (tiny, minilm, ...)")
+    parser.add_argument("--body", default="minilm", help="pare, mona, ddp: the body the steps run (tiny, minilm, ...)")
     g = parser.add_argument_group("suite")
     g.add_argument("--method", default="finetune", help="finetune | orca | pare | mona | proposed")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -425,6 +473,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.threads_flag = args.threads
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import data
+import distributed
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 from official_data import write_atomic
 from models import (Body, CrossModalModel, DenseHead1D, DenseHead2D, Embedder1D, Embedder2D,  # noqa: F401
@@ -92,6 +93,9 @@ def add_common_args(parser):
                    help="write last.pt (resume point) every this many epochs (default: about 20 per run)")
     g.add_argument("--eval_batch_size", type=int, default=256)
     g.add_argument("--log_interval", type=int, default=10, help="optimiser steps between log lines")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (nanoGPT; off until "
+                   "measured on a GPU)")
+    g.add_argument("--fused", action="store_true", help="fused Adam / AdamW kernels on CUDA (ignored elsewhere)")
     return parser
 
 
@@ -279,9 +283,9 @@ def count_params(module):
 
 
 # ---- optimiser and schedule ----------------------------------------------------------------------------------
-def make_optimizer(params, name, lr, weight_decay=0.0, momentum=0.9):
+def make_optimizer(params, name, lr, weight_decay=0.0, momentum=0.9, fused=False):
     """SGD (with momentum) or Adam / AdamW with the official betas (0.9, 0.98). params: tensors or param groups
-    (dicts with their own "lr"); frozen tensors are dropped."""
+    (dicts with their own "lr"); frozen tensors are dropped. fused: one kernel for all tensors (CUDA only)."""
     params = list(params)
     if params and isinstance(params[0], dict):
         params = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in params]
@@ -291,7 +295,7 @@ def make_optimizer(params, name, lr, weight_decay=0.0, momentum=0.9):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return opt(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    return opt(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def set_finetune(model, mode, lora_rank=8):
@@ -345,8 +349,9 @@ def lr_factor(step, warmup_steps, decay_steps):
 # ---- run directory: config, log, checkpoints, results, plot --------------------------------------------------
 def save_checkpoint(state, path):
     """torch.save through a temporary file in the same folder and os.replace: a kill mid-write leaves the previous
-    file whole (last.pt stays a valid resume point)."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    file whole (last.pt stays a valid resume point). Under torchrun only rank 0 writes."""
+    if distributed.is_main():
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, what="checkpoint", map_location="cpu"):
@@ -375,12 +380,20 @@ class Run:
     STALE = ("ckpt.pt", "last.pt", "results.json", "log.jsonl", "curves.png", "embedder.pt", "predictor.pt")
     # flags that may change on --resume: where and how the run is executed, not what it computes
     RESUME_FREE = {"resume", "out_dir", "data_dir", "device", "eval_batch_size", "log_interval", "ckpt_every",
-                   "max_steps", "auto_flags", "distortion", "probe_samples", "probe_ckpt", "deterministic"}
+                   "max_steps", "auto_flags", "distortion", "probe_samples", "probe_ckpt", "deterministic",
+                   "compile", "fused"}
 
     def __init__(self, method, args):
         self.method, self.args, self.start = method, args, time.time()
         args.out_dir = args.out_dir or f"runs/{method}_{args.task}_s{args.seed}"
         self.dir = Path(args.out_dir)
+        self._lock = None
+        if distributed.is_main():  # under torchrun rank 0 alone prepares the directory; the others wait for it
+            self.prepare(args)
+        distributed.barrier()
+
+    def prepare(self, args):
+        """Make out_dir, take its lock, check a --resume (or clear an earlier run's files), write config.json."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -432,6 +445,8 @@ class Run:
                             f"that run's flags, or start afresh (drop --resume, or give another --out_dir)")
 
     def log(self, **record):
+        if not distributed.is_main():
+            return
         with open(self.dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -447,6 +462,8 @@ class Run:
     def truncate(self, stage, after_epoch=None):
         """Drop the log records of `stage` (those of epochs > after_epoch when given): a stage that is redone, or
         resumed from the end of epoch after_epoch, logs them again, so the log equals an uninterrupted run's."""
+        if not distributed.is_main():
+            return
         path = self.dir / "log.jsonl"
         keep = [r for r in self.records() if r.get("stage") != stage or
                 (after_epoch is not None and r.get("epoch", -1) <= after_epoch)]
@@ -457,9 +474,11 @@ class Run:
     def finish(self, results):
         results = dict(method=self.method, task=self.args.task, body=self.args.body, **results,
                        seconds=round(time.time() - self.start, 1), out_dir=str(self.dir))
-        write_atomic(self.dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
-        self.plot()
-        print("FINAL " + json.dumps(results))
+        if distributed.is_main():
+            write_atomic(self.dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+            self.plot()
+            print("FINAL " + json.dumps(results))
+        distributed.barrier()  # the other ranks end with rank 0 (a rank that leaves early aborts the group)
         return results
 
     def plot(self):
@@ -488,6 +507,14 @@ def epoch_loader(dataset, batch_size, seed, epoch):
     """A shuffled loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
+
+
+def epoch_order(n, seed, epoch):
+    """The order in which epoch_loader reads n samples (its iterator draws a base seed, then the permutation;
+    tests/test_ddp.py checks the two agree), which fit splits between the processes."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g)
 
 
 def _rng_state():
@@ -524,7 +551,9 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     compute(model, x, y, epoch) -> (loss, {extra logs}) is the method's hook; the default is plain fine-tuning
     (task loss of the full model). Gradients are summed over `accum` micro-batches as in the official code.
     A run killed at any point resumes (--resume) from last.pt, written at every epoch end, with the same RNG
-    state, so it ends exactly as an uninterrupted run on CPU. A non-finite loss stops the run and keeps last.pt."""
+    state, so it ends exactly as an uninterrupted run on CPU. A non-finite loss stops the run and keeps last.pt.
+    Under torchrun every rank runs its share of each step (distributed.py: the global batch stays batch_size x
+    accum) through DDP; evaluation is sharded and gathered, so every rank takes the same decisions; rank 0 writes."""
     ctx, scaler = autocast_context(device, args.dtype)
     compute = compute or (lambda m, x, y, epoch: (task_loss(task, m(x), y), {}))
     set_finetune(model, getattr(args, "finetune", "full"), getattr(args, "lora_rank", 8))
@@ -534,7 +563,11 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         params += [p for n, p in model.body.named_parameters() if "lora_" in n and p.requires_grad
                    and all(p is not q for q in params)]
     optimizer = make_optimizer(param_groups(model, params, args.lr, getattr(args, "new_lr_mult", 1.0)),
-                               args.optimizer, args.lr, args.weight_decay, args.momentum)
+                               args.optimizer, args.lr, args.weight_decay, args.momentum,
+                               fused=getattr(args, "fused", False) and device.type == "cuda")
+    net = torch.compile(model) if getattr(args, "compile", False) else model  # forward only; weights are shared
+    step_fn = distributed.wrap(net, compute, device)  # DDP under torchrun
+    local_accum = distributed.plan(args.batch_size, args.accum)[1]
     batches = math.ceil(len(task.train) / args.batch_size)
     if args.accum > batches:  # the trailing partial accumulation is dropped: no step would ever be taken
         raise UserError(f"--accum {args.accum} is more than the {batches} batches of an epoch, so no optimiser step "
@@ -558,7 +591,8 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
-        _set_rng_state(state["rng"])
+        rng = state["rng"]  # a multi-process run saves every rank's RNG state
+        _set_rng_state(rng[min(distributed.rank(), len(rng) - 1)] if isinstance(rng, list) else rng)
         print(f"resumed from {last} at epoch {start_epoch}")
         run.truncate(stage, after_epoch=state["epoch"])  # the records of a partial epoch are logged again
     else:
@@ -571,16 +605,24 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         model.train()
         optimizer.zero_grad(set_to_none=True)
         t0 = time.time()
-        loader = epoch_loader(task.train, args.batch_size, args.seed, epoch)
-        for i, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+        # the order of epoch_loader; this rank's micro-batches of it (all of them on one process)
+        micro = distributed.micro_batches(epoch_order(len(task.train), args.seed, epoch), args.batch_size, args.accum)
+        # (its own generator: a loader draws a base seed from it, which must not move the global RNG state)
+        loader = torch.utils.data.DataLoader(task.train, batch_sampler=[idx.tolist() for _, idx in micro],
+                                             generator=torch.Generator())
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if distributed.is_main() else True)
+        for i, ((m, _), (x, y)) in enumerate(zip(micro, bar)):
             x, y = x.to(device), y.to(device)
-            with ctx:
-                loss, extra = compute(model, x, y, epoch)
-            if not torch.isfinite(loss):
-                stop_nonfinite(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}", run,
-                               "lower --lr (or use --dtype float32) and start afresh")
-            scaler.scale(loss).backward()
-            if (i + 1) % args.accum:
+            last_micro = (i + 1) % local_accum == 0
+            with distributed.micro_batch(m), distributed.no_sync(step_fn, not last_micro):
+                with ctx:
+                    loss, extra = step_fn(x, y, epoch)
+                if not torch.isfinite(loss):
+                    stop_nonfinite(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}", run,
+                                   "lower --lr (or use --dtype float32) and start afresh")
+                weight = distributed.loss_weight(m)  # 1 on one process
+                scaler.scale(loss if weight == 1 else loss * weight).backward()
+            if not last_micro:
                 continue  # accumulate (a trailing partial accumulation is dropped, as in the official code)
             if args.clip > 0:
                 scaler.unscale_(optimizer)
@@ -591,15 +633,19 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
             scheduler.step()
             step += 1
             if step % args.log_interval == 0 or step == total:
-                ms = (time.time() - t0) * 1000 / (i + 1) * args.accum
+                ms = (time.time() - t0) * 1000 / (i + 1) * local_accum
                 lr = scheduler.get_last_lr()[0]
+                # the values of the step's last micro-batch, as on one process (summed over the ranks' shares)
+                loss_value, *values = distributed.sum_logged([loss.item(), *extra.values()],
+                                                             m.share if m.index % args.accum == args.accum - 1 else 0)
+                extra = dict(zip(extra, values))
                 extras = "".join(f" | {k} {v:.4f}" for k, v in extra.items())
-                print(f"step {step}/{total} | epoch {epoch} | loss {loss.item():.4f}{extras} | lr {lr:.1e} | "
+                print(f"step {step}/{total} | epoch {epoch} | loss {loss_value:.4f}{extras} | lr {lr:.1e} | "
                       f"{ms:.0f}ms/step")
-                run.log(stage=stage, step=step, epoch=epoch, loss=loss.item(), lr=lr, **extra)
+                run.log(stage=stage, step=step, epoch=epoch, loss=loss_value, lr=lr, **extra)
             if step >= total:
                 break
-        complete = i + 1 == len(loader)  # False when --max_steps cut the epoch short
+        complete = i + 1 == len(micro)  # False when --max_steps cut the epoch short
         if not all_finite(params):  # a finite loss with a non-finite gradient: stop before evaluating or saving
             stop_nonfinite(f"non-finite weights after epoch {epoch} step {step}", run,
                            "lower --lr (or set --clip 1) and start afresh")
@@ -622,9 +668,10 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
                 best_state = None
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best": best,
-                             "rng": _rng_state()}, last)
+                             "rng": distributed.gather_objects(_rng_state())}, last)
     if best_state is not None:  # a --max_steps cut: the best epoch seen is still tested
         save_checkpoint(best_state, run.dir / "ckpt.pt")
+    distributed.barrier()  # ckpt.pt is written (by rank 0) before any rank reads it
     return best
 
 
@@ -647,9 +694,15 @@ def test_best(model, task, args, run, device):
 
 
 def setup(method, args):
-    """Common start of every method script: seed, device, run directory. Returns (run, device)."""
+    """Common start of every method script: process group (under torchrun), seed, device, run directory. Returns
+    (run, device). Every rank gets the same seed (distributed.py)."""
+    name = distributed.init(args.device)
     seed_everything(args.seed, args.deterministic)
-    device = get_device(args.device)
+    device = get_device(name)
+    if distributed.world() > 1:
+        print(distributed.plan_line(args.batch_size, args.accum))
+    if getattr(args, "fused", False) and device.type != "cuda":
+        print("warning: --fused is ignored off CUDA (plain Adam / AdamW kernels)")
     if device.type == "cpu" and args.dtype in ("float16", "bfloat16"):
         print(f"warning: --dtype {args.dtype} is ignored on the CPU (autocast runs in float32 there)")
     return Run(method, args), device

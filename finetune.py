@@ -6,6 +6,9 @@ components are switched off. A task-specific embedder and head around a pretrain
     python finetune.py --task synthetic --body tiny     # seconds, for tests
 
 This file is also the template of the method scripts: setup, data, model, (method stages), fine-tune, test, save.
+
+Under torchrun (README, "More than one GPU"): every rank builds the model and runs its share of each batch through
+DDP (common.fit, distributed.py); validation and test are sharded and gathered; rank 0 alone writes and prints.
 """
 import argparse
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 from models import in_float32
 
 
@@ -91,24 +92,35 @@ def task_loss(task, pred, y):
     """The task's training loss, after the task's optional decoding (Darcy: back to physical units)."""
     if task.decode is not None:
         pred, y = task.decode(pred), task.decode(y)
-    return compute_loss(task.loss, pred, y, task.pos_weight)
+    loss = compute_loss(task.loss, pred, y, task.pos_weight)
+    m = distributed.micro  # under torchrun, in a training step: this rank's rows of a micro-batch
+    if task.loss in SUMMED_LOSSES and m.size and m.size != len(pred):
+        loss = loss * (m.size / len(pred))  # a sum over the micro-batch: DDP averages W shares x W / (their rows)
+    return loss
 
 
 @torch.no_grad()
-def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
-    """Run the model over a dataset; returns (predictions, targets) as CPU float tensors."""
+def predict(model, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext(), shard=True):
+    """Run the model over a dataset; returns (predictions, targets) as CPU float tensors. Under torchrun each rank
+    predicts its block of the rows and every rank gets all of them, in order (distributed.gather_rows); shard=False:
+    every rank predicts every row in the same batches (a model whose output depends on the batch)."""
     model.eval()
     preds, ys = [], []
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+    n, part = len(dataset), dataset
+    if distributed.world() > 1 and shard:
+        part = torch.utils.data.Subset(dataset, distributed.eval_indices(n))
+    for x, y in torch.utils.data.DataLoader(part, batch_size=batch_size):
         with ctx:
             preds.append(model(x.to(device)).float().cpu())
         ys.append(y)
-    return torch.cat(preds), torch.cat(ys)
+    if part is dataset:
+        return torch.cat(preds), torch.cat(ys)
+    return distributed.gather_rows(torch.cat(preds), n), distributed.gather_rows(torch.cat(ys), n)
 
 
-def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext()):
+def evaluate(model, task, dataset, batch_size=256, device="cpu", ctx=contextlib.nullcontext(), shard=True):
     """{"loss", "score"} of a model on a dataset: the task loss per sample and the task metric on the whole set."""
-    pred, y = predict(model, dataset, batch_size, device, ctx)
+    pred, y = predict(model, dataset, batch_size, device, ctx, shard)
     loss = task_loss(task, pred, y).item() / (len(pred) if task.loss in SUMMED_LOSSES else 1)
     if task.decode is not None:
         pred, y = task.decode(pred), task.decode(y)

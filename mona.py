@@ -36,6 +36,10 @@ Choices where the paper is silent or the slides are ambiguous (there is no offic
   defaults to 10x the fine-tuning lr, the embedder-lr rule of ORCA's code (task_configs.py), which MoNA compares to.
 - alpha, beta, lambda, I_1 are not in the slides; defaults below are ours (see docs/mona.md). Attention runs on
   PyTorch's math kernel during the virtual update, because the fused kernels have no double backward.
+
+Under torchrun: stage 1 runs whole and identically on every rank (the virtual step and L_uniform need the whole batch:
+they are not sums over samples, so stage 1 is not faster on more GPUs); stage 2 splits each batch (common.fit, DDP,
+which also starts every rank from rank 0's weights); the distortion probe runs on every rank; rank 0 writes, prints.
 """
 import argparse
 import contextlib

@@ -30,6 +30,11 @@ Deviations from the official code (orca_pare_reference.md sections 2, 3 and 6):
   copied), so that it is exactly finetune.py; the official code re-initialises the embedder in that case.
 - Validation is carved from the training split and the best-on-validation checkpoint is tested (the official code
   selects the epoch on the test set). Stage 2 always runs in float32.
+
+Under torchrun: in stage 2 each rank computes the OTDD of every W-th class (all ranks draw the same class subsets),
+and the values and gradients are summed over the ranks, so every rank takes the same embedder step; the mmd and l2
+objectives draw from the generator inside the distance and run whole on every rank instead. Stage 3 splits each batch
+between the ranks (common.fit, DDP); rank 0 alone writes embedder.pt, the checkpoints and the log, and prints.
 """
 import argparse
 import math
@@ -39,6 +44,7 @@ import torch
 
 import common
 import data
+import distributed
 import otdd
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -136,23 +142,33 @@ def class_groups(labels):
     return groups, weights
 
 
-def weighted_distance(model, dataset, groups, weights, distance, n_take, generator, device, backward=False):
+def weighted_distance(model, dataset, groups, weights, distance, n_take, generator, device, backward=False,
+                      shard=False):
     """Sum over classes (in random order) of weight_c * distance(pooled embedder features of <= n_take points of
     class c). With backward=True each class's gradient is accumulated right away, as the official loop does, so only
-    one class's graph is alive at a time. Returns the float value of the sum."""
-    total = 0.0
-    for c in torch.randperm(len(groups), generator=generator).tolist():
+    one class's graph is alive at a time. Returns the float value of the sum. shard (under torchrun; a distance that
+    draws nothing from `generator`): each rank takes every W-th class, and the values and gradients are summed over
+    the ranks."""
+    total, world, rank = 0.0, distributed.world(), distributed.rank()
+    for position, c in enumerate(torch.randperm(len(groups), generator=generator).tolist()):
         idx = groups[c][torch.randperm(len(groups[c]), generator=generator)[:n_take]]
+        if shard and position % world != rank:
+            continue  # another rank's class (every rank makes every draw, so the generators stay in step)
         # METHOD: target features are the embedder's tokens mean-pooled over the sequence (B, L, D) -> (B, D); the
         # body never runs in stage 2 (the official wrapper's output_raw=True).
         x = data.take(dataset, idx.tolist())[0]  # reads only these samples (large tasks stay on disk)
         features = model.embed(x.to(device)).float().mean(1)
         if not torch.isfinite(features).all():  # a diverged embedder: the caller stops the run (otdd.py would raise)
-            return math.nan
+            total = math.nan
+            break
         value = weights[c] * distance(features, generator)
         if backward:
             value.backward()
         total += value.item()
+    if shard and world > 1:
+        if backward:
+            distributed.sum_grads(model.embedder.parameters())
+        total = distributed.sum_logged([total], 1.0)[0]
     return total
 
 
@@ -170,7 +186,7 @@ def align_embedder(model, dataset, labels, src_x, src_y, args, run, device):
     def fixed_otdd():  # the same subsets (generator reseeded) before and after training
         with torch.no_grad():
             return weighted_distance(model, dataset, groups, weights, measure, n_take,
-                                     torch.Generator().manual_seed(args.seed + 7), device)
+                                     torch.Generator().manual_seed(args.seed + 7), device, shard=True)
 
     before = fixed_otdd()
     params = list(model.embedder.parameters())
@@ -186,7 +202,8 @@ def align_embedder(model, dataset, labels, src_x, src_y, args, run, device):
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
         # METHOD: ONE optimiser step per embedder "epoch", on gradients accumulated over all classes
-        value = weighted_distance(model, dataset, groups, weights, distance, n_take, generator, device, backward=True)
+        value = weighted_distance(model, dataset, groups, weights, distance, n_take, generator, device, backward=True,
+                                  shard=args.objective.startswith("otdd"))
         if not math.isfinite(value):
             common.stop_nonfinite(f"non-finite {args.objective} ({value}) at embedder step {step}", run,
                                   "lower --lr or raise --eps, and start afresh")

@@ -33,6 +33,10 @@ Deviations from the official code (orca_pare_reference.md sections 5 and 6.3):
 - Source tokens come from the body's own frozen pretrained input embedding (data.embed_source); source sequences may
   be shorter than the target's (T < N), so k <= min(N, T). Validation is carved from the training split and the best
   validation checkpoint is tested (official: best/last on the test set). Darcy's "Wv" fine-tuning is not reproduced.
+
+Under torchrun: every rank runs its rows of each micro-batch, and the same rows of the paired source batch, through the
+whole PaRe step, which common.fit wraps in DDP (it finds the gate's missing gradient in phase B and in unmixed steps);
+the Gumbel noise is drawn for the whole micro-batch on every rank, so 2 processes draw what 1 does; rank 0 writes.
 """
 import argparse
 import math
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import distributed
 
 # ---- config --------------------------------------------------------------------------------------------------
 # PaRe's own per-task settings (src/configs/*_PaRe.yaml, orca_pare_reference.md 5.5) where they differ from the
@@ -153,7 +158,8 @@ def select(scores, k, tau=0.9, gumbel=True, largest=True):
     `hard - soft.detach() + soft` is written `hard + (soft - soft.detach())`, whose forward value is exactly `hard`.
     """
     if gumbel:
-        noise = -torch.empty_like(scores).exponential_().log()  # Gumbel(0, 1): -log(Exp(1))
+        # Gumbel(0, 1) = -log(Exp(1)), drawn for the whole micro-batch on every rank under torchrun (distributed.py)
+        noise = -distributed.batch_noise(scores, lambda t: t.exponential_()).log()
         logits = (scores + noise) / tau
     else:
         logits = scores.detach()
@@ -219,12 +225,10 @@ class SourceBatches:
 def make_compute(task, sources, args, k0, k_end, device):
     """The common.fit hook compute(model, x, y, epoch) -> (loss, logs) of one PaRe step. `model` carries the extra
     PaRe modules `model.gate` and `model.source_head` (so fit checkpoints and resumes them with the model)."""
-    counter = dict(epoch=None, i=0)  # fit resumes only at epoch starts, so (epoch, i) is reproducible
-
     def compute(model, x, y, epoch):
-        if epoch != counter["epoch"]:
-            counter.update(epoch=epoch, i=0)
-        i, counter["i"] = counter["i"], counter["i"] + 1
+        # the micro-batch's index in the epoch (fit resumes only at epoch starts, so (epoch, i) is reproducible);
+        # under torchrun x is this rank's rows of it, and so is the source batch
+        i, m = distributed.micro.index, distributed.micro
         # one embedder pass feeds both body passes (the official Swin wrapper runs its embedder twice, same values)
         tokens = model.embed(x)  # (B, N, D)
         # METHOD: the plain task loss stays in the sum, L = L_task(f(x), y) + w * L_mix (main_PaRe.py L313-320)
@@ -234,8 +238,9 @@ def make_compute(task, sources, args, k0, k_end, device):
         k = k_schedule(epoch, args.epochs, k0, k_end)
         lam = mix_lambda(k, tokens.shape[1], k0, args.lam_by)
         x_src, y_src = sources(epoch, i)
-        if k == 0 or len(x_src) != len(x):
+        if k == 0 or len(x_src) != (m.size or len(x)):
             return loss, dict(k=float(k), lam=lam)  # no loss_tar / loss_src in the log: an unmixed step
+        x_src, y_src = (x_src[m.rows], y_src[m.rows]) if m.size else (x_src, y_src)
         # METHOD: intermediate modality: bottom-k target tokens <- top-k source tokens; phase A (Gumbel + straight-
         # through, gate trained) for the first gumbel_epochs epochs, then hard top-k
         mixed, _, _ = replace_patches(tokens, data.embed_source(model.body, x_src), model.gate, k, args.tau,

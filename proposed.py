@@ -29,6 +29,10 @@ the raw cosine can be negative and break the log (--similarity); sums over i, j 
 k-means pseudo-class (data.class_labels); noise on train-standardised data; patch score = attention received, mean over
 queries, as log-probabilities of PaRe's Gumbel top-k; 001's P_l = clamp(1 - |J_h(d)(d~ - d)| / C, 0, 1) by one JVP.
 Stage 2 is adapted from pare.py and shares its deviations from the PaRe code.
+
+Under torchrun: stage 1 (a contrastive loss over all pairs of a batch) runs whole and identically on every rank; stage 2
+splits each micro-batch and its source batch between the ranks (common.fit, DDP), with the Gumbel noise drawn for the
+whole micro-batch as in pare.py; rank 0 alone writes and prints.
 """
 import argparse
 import math
@@ -41,6 +45,7 @@ from torch.utils.data import TensorDataset
 
 import common
 import data
+import distributed
 
 STAGE1_FILE = {"000": "embedder.pt", "001": "predictor.pt"}  # the stage-1 output of each version
 
@@ -242,7 +247,8 @@ def select(scores, k, tau=0.9, gumbel=True, largest=True):
     """Pick k of the N tokens of each row by score (see pare.select): idx (B, k) ascending, mask (B, N) exactly
     0/1 forward; gumbel=True: Gumbel top-k with a straight-through sigmoid relaxation (the scorer is trained)."""
     if gumbel:
-        noise = -torch.empty_like(scores).exponential_().log()  # Gumbel(0, 1): -log(Exp(1))
+        # Gumbel(0, 1) = -log(Exp(1)), drawn for the whole micro-batch on every rank under torchrun (distributed.py)
+        noise = -distributed.batch_noise(scores, lambda t: t.exponential_()).log()
         logits = (scores + noise) / tau
     else:
         logits = scores.detach()
@@ -304,19 +310,18 @@ def make_compute(task, sources, args, k0, k_end, device):
     """The common.fit hook of stage 2 (adapted from pare.py:make_compute): plain task loss + w [(1 - lam) L_tar(mix)
     + lam L_src(mix)], lam = k / N, k(e) = int(k0 - (k0 - k_end) e / E). model.scorer / model.source_head are
     submodules, so fit checkpoints them."""
-    counter = dict(epoch=None, i=0)  # fit resumes at epoch starts only, so (epoch, i) is reproducible
-
     def compute(model, x, y, epoch):
-        if epoch != counter["epoch"]:
-            counter.update(epoch=epoch, i=0)
-        i, counter["i"] = counter["i"], counter["i"] + 1
+        # the micro-batch's index in the epoch (fit resumes at epoch starts only, so (epoch, i) is reproducible);
+        # under torchrun x is this rank's rows of it, and so is the source batch
+        i, m = distributed.micro.index, distributed.micro
         tokens = model.embed(x)  # (B, N, D)
         loss = common.task_loss(task, model.forward_tokens(tokens), y)
         k = int(k0 - (k0 - k_end) * (epoch / args.epochs))  # METHOD: linear decay per epoch (PaRe)
         lam = k / tokens.shape[1]
         x_src, y_src = sources(epoch, i)
-        if k == 0 or len(x_src) != len(x):  # PaRe skips mixing when the source batch is short
+        if k == 0 or len(x_src) != (m.size or len(x)):  # PaRe skips mixing when the source batch is short
             return loss, dict(k=float(k), lam=lam)
+        x_src, y_src = (x_src[m.rows], y_src[m.rows]) if m.size else (x_src, y_src)
         # METHOD: intermediate modality: bottom-k target patches <- top-k source patches, chosen by the scorer
         mixed, _, _ = replace_patches(tokens, data.embed_source(model.body, x_src), model.scorer, k,
                                       args.gumbel_tau, gumbel=epoch < args.gumbel_epochs)
@@ -506,7 +511,8 @@ if __name__ == "__main__":
         d_stats = channel_stats([train_features(model, task, args, device)[0]], -1) if args.standardize else None
         wrapped = PerturbedForward(model, args.perturb_sigma, args.perturb_samples, d_stats, args.seed)
         ctx, _ = common.autocast_context(device, args.dtype)
-        val, test = (common.evaluate(wrapped, task, split, args.eval_batch_size, device, ctx)
+        # its noise is drawn per batch: every rank predicts the whole split in the same batches (not sharded)
+        val, test = (common.evaluate(wrapped, task, split, args.eval_batch_size, device, ctx, shard=False)
                      for split in (task.val, task.test))
         results.update(val_score=val["score"], test_score=test["score"], test_loss=test["loss"],
                        normal_test_score=results["test_score"])

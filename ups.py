@@ -45,6 +45,10 @@ Deviations from the official code:
 - No domain padding in the FNO; OTDD (labels = family) offered next to MMD; validation on held-out trajectories (the
   official code validates on test); rollout evaluation (the public code scores one step), each prediction fed back
   through from_unified / to_unified.
+
+Under torchrun: stage 1 (MMD / OTDD over a batch) runs whole and identically on every rank; stage 2 and the few-shot
+fits split each multi-family batch between the ranks (common.fit, DDP; validation sharded and gathered); the
+per-family rollout tests run whole on every rank (the same numbers); rank 0 alone writes and prints.
 """
 import argparse
 import copy
