@@ -102,6 +102,10 @@ def test_auto_defaults_from_the_data(tmp_path):
     big = data.get_task("digits")
     assert common.auto_defaults(big)["select"] == "best" and len(big.val) >= 50
     assert common.auto_defaults(big)["target_seq_len"] == 4  # 8x8 images: 4x4 patches (16 values)
+    assert common.auto_defaults(big)["epochs"] == common.AUTO_MIN_EPOCHS  # 36 steps an epoch: 300 steps = 9 epochs
+    huge = data.make_task("huge", "classification", "ce", "error", np.zeros((64_000, 1, 8), np.float32),
+                          np.arange(64_000) % 2, np.zeros((8, 1, 8), np.float32), np.arange(8) % 2)
+    assert common.auto_defaults(huge)["epochs"] == 1  # 2000 steps an epoch: the 1000-step cap, in whole epochs
 
 
 def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
