@@ -106,6 +106,14 @@ def test_auto_defaults_from_the_data(tmp_path):
     huge = data.make_task("huge", "classification", "ce", "error", np.zeros((64_000, 1, 8), np.float32),
                           np.arange(64_000) % 2, np.zeros((8, 1, 8), np.float32), np.arange(8) % 2)
     assert common.auto_defaults(huge)["epochs"] == 1  # 2000 steps an epoch: the 1000-step cap, in whole epochs
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    long = data.make_task("long", "classification", "ce", "error", z(8, 1, 2000), np.arange(8) % 2, z(4, 1, 2000),
+                          np.arange(4) % 2)
+    tokens = common.auto_defaults(long)["target_seq_len"]  # a long series (PigCVP's length): up to 64 tokens
+    assert tokens == 63 and common.Embedder1D(1, 2000, 64, tokens).stride == 40  # the divisor rule: 50 of 40 samples
+    image = data.make_task("image", "classification", "ce", "error", z(8, 1, 28, 28), np.arange(8) % 2,
+                           z(4, 1, 28, 28), np.arange(4) % 2)
+    assert common.auto_defaults(image)["target_seq_len"] == 25  # an image keeps at most 32 tokens: 6x6 patches
 
 
 def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
