@@ -138,12 +138,13 @@ def auto_defaults(task, body="minilm", step_budget=None):
 AUTO_STEPS, AUTO_LR, AUTO_NEW_LR_MULT, AUTO_FINETUNE, AUTO_BIAS_STD = 300, 1e-3, 3.0, "norms", 0.1
 # at least 16 values per token (plain fine-tuning, seeds 0-2, test error at 4 / 8 / 16 values per token): digits
 # (2D, 2x2 / 4x4 patches) 0.089 -> 0.041; GunPoint 8 / 15 / 30 values 0.213 / 0.156 / 0.178; Coffee 9 / 16 / 29
-# 0.060 / 0.083 / 0.000; PigCVP and BasicMotions already have more (63, 24) and lose when the tokens are fewer
+# 0.060 / 0.083 / 0.000; PigCVP and BasicMotions already had more (80, 24) and lose when the tokens are fewer
 AUTO_TOKEN_VALUES = 16
-# at most 64 tokens for a series, 32 for an image: the cap binds on long series (PigCVP, length 2000: 25 tokens of 80
-# samples -> 50 of 40, by the embedder's divisor rule) and on larger images (Fashion-MNIST 28x28: 25 tokens of 6x6 pixels). Plain fine-tuning, seeds
-# 0-2: PigCVP 0.694 -> 0.659 on the CPU (0.737 -> 0.675 on a GPU in float32), ORCA seed 0 0.755 -> 0.750; Fashion-MNIST
-# at 49 tokens 0.246 -> 0.240 (GPU), within its spread at twice the step time, so images keep 32
+# at most 64 tokens for a series, 32 for an image. The cap binds on long series (PigCVP, length 2000: 25 tokens of 80
+# samples -> 50 of 40, by the embedder's divisor rule), on many-channel ones (BasicMotions, 6 x 100: 25 tokens of 4
+# samples -> 34 of 3) and on larger images (Fashion-MNIST 28x28: 25 tokens of 6x6 pixels). Plain fine-tuning, seeds
+# 0-2: PigCVP 0.694 -> 0.659 on the CPU (0.737 -> 0.675 on a GPU in float32); Fashion-MNIST at 49 tokens 0.246 ->
+# 0.240 (GPU), within its spread at twice the step time, so images keep 32
 AUTO_MAX_TOKENS_1D = 64
 # at least 20 epochs (up to 1000 steps): 300 steps are 8 epochs of digits and 10 of Fashion-MNIST (small); plain
 # fine-tuning at 20 epochs, seeds 0 / 1: digits 0.043 / 0.032 -> 0.028 / 0.032, Fashion 0.298 / 0.252 -> 0.229 / 0.249.
