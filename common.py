@@ -104,7 +104,8 @@ def auto_defaults(task, body="minilm", step_budget=None):
     (`python bench.py suite`) and nowhere else:
     - tokens: patches of at least 16 input values (channels x length, channels x pixels: a token of a few values
       keeps little more than their signs through the embedder's LayerNorm) and at most 64 tokens for a series, 32
-      for an image, a CPU-friendly budget; the patch conv's bias starts random (Embedder1D: the LayerNorm then keeps each token's level);
+      for an image, a CPU-friendly budget; the patch conv's bias starts random (Embedder1D: the LayerNorm then keeps
+      each token's level);
     - batch: the power of two nearest N / 8, between 8 and 32, so that a small set still gets several steps an epoch;
     - length: 300 optimiser steps (a small set gets many epochs), but at least 20 epochs up to 1000 steps (a
       larger set gets enough passes), warm-up 10 % of it;
@@ -119,7 +120,7 @@ def auto_defaults(task, body="minilm", step_budget=None):
         tokens = math.ceil(size[0] / stride)
     else:
         patch = next(p for p in range(max(2, math.ceil(math.sqrt(AUTO_TOKEN_VALUES / C))), max(size) + 2)
-                     if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= 32)
+                     if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= AUTO_MAX_TOKENS_2D)
         tokens = math.ceil(size[0] / patch) * math.ceil(size[1] / patch)
     batch = int(min(32, max(8, 2 ** round(math.log2(max(1, n / 8))))))
     steps_per_epoch = math.ceil(n / batch)
@@ -145,7 +146,7 @@ AUTO_TOKEN_VALUES = 16
 # samples -> 34 of 3) and on larger images (Fashion-MNIST 28x28: 25 tokens of 6x6 pixels). Plain fine-tuning, seeds
 # 0-2: PigCVP 0.694 -> 0.659 on the CPU (0.737 -> 0.675 on a GPU in float32); Fashion-MNIST at 49 tokens 0.246 ->
 # 0.240 (GPU), within its spread at twice the step time, so images keep 32
-AUTO_MAX_TOKENS_1D = 64
+AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 64, 32
 # at least 20 epochs (up to 1000 steps): 300 steps are 8 epochs of digits and 10 of Fashion-MNIST (small); plain
 # fine-tuning at 20 epochs, seeds 0 / 1: digits 0.043 / 0.032 -> 0.028 / 0.032, Fashion 0.298 / 0.252 -> 0.229 / 0.249.
 # More steps on the small sets (43-75 epochs at 300) are mixed, so they keep 300: 1000 steps, seeds 0-2, Coffee
