@@ -147,7 +147,8 @@ def _losses(out_dir):
 
 
 def test_same_seed_same_losses_and_resume_matches(run, tmp_path):
-    common_args = ["--task", "synthetic", "--body", "tiny", "--epochs", "3", "--log_interval", "1"]
+    common_args = ["--task", "synthetic", "--body", "tiny", "--epochs", "3", "--log_interval", "1", "--augment_shift",
+                   "0.1", "--augment_scale", "0.1"]  # the augmentation draws resume too
     _, a = run("finetune.py", *common_args, "--out_dir", tmp_path / "a")
     _, b = run("finetune.py", *common_args, "--out_dir", tmp_path / "b")
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and a["test_score"] == b["test_score"]

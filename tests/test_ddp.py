@@ -25,7 +25,7 @@ from conftest import ROOT, run_script
 
 TINY = ["--task", "synthetic", "--body", "tiny", "--log_interval", "1"]
 SCRIPTS = {  # a few steps of every stage of each script; pare: phase A (Gumbel) then phase B (gate frozen)
-    "finetune.py": [*TINY, "--epochs", "2"],
+    "finetune.py": [*TINY, "--epochs", "2", "--augment_shift", "0.1", "--augment_scale", "0.1"],  # per-sample draws
     "orca.py": [*TINY, "--epochs", "2", "--embedder_epochs", "3"],
     "pare.py": [*TINY, "--epochs", "2"],
     "mona.py": [*TINY, "--epochs", "2", "--meta_steps", "2"],

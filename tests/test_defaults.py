@@ -116,6 +116,55 @@ def test_auto_defaults_from_the_data(tmp_path):
     assert common.auto_defaults(image)["target_seq_len"] == 25  # an image keeps at most 32 tokens: 6x6 patches
 
 
+# ---- augmentation ---------------------------------------------------------------------------------------------
+def test_augment_matches_a_direct_loop():
+    """A translation by s moves value t to t + s, the edge value fills what comes in; then the gain multiplies."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(3, 2, 11, generator=g), torch.randn(2, 3, 5, 7, generator=g)
+    d1 = torch.tensor([[3., 1.5], [-4., 1.], [0., 0.]])
+    d2 = torch.tensor([[1., -2., 0.5], [-6., 9., 1.]])
+    want1 = torch.zeros_like(x1)
+    for b in range(3):
+        for t in range(11):
+            want1[b, :, t] = x1[b, :, min(max(t - int(d1[b, 0]), 0), 10)] * d1[b, 1]
+    want2 = torch.zeros_like(x2)
+    for b in range(2):
+        for i in range(5):
+            for j in range(7):
+                src = x2[b, :, min(max(i - int(d2[b, 0]), 0), 4), min(max(j - int(d2[b, 1]), 0), 6)]
+                want2[b, :, i, j] = src * d2[b, 2]
+    assert torch.equal(common.augment(x1, d1), want1) and torch.equal(common.augment(x2, d2), want2)
+
+
+def test_augment_draws_depend_on_seed_epoch_and_index_only():
+    a = common.augment_table(500, 2, 0, 3, 0.1, 0.2, (28, 40))
+    assert torch.equal(a, common.augment_table(500, 2, 0, 3, 0.1, 0.2, (28, 40)))  # resume / every rank: same draws
+    assert not torch.equal(a, common.augment_table(500, 2, 0, 4, 0.1, 0.2, (28, 40)))  # a new epoch: new draws
+    assert set(a[:, 0].tolist()) == set(range(-3, 4)) and set(a[:, 1].tolist()) == set(range(-4, 5))  # round(0.1 s)
+    assert 0.15 < a[:, 2].std() < 0.25 and abs(a[:, 2].mean() - 1) < 0.05
+    small = common.augment_table(200, 1, 0, 0, 0.1, 0.0, (8,))
+    assert set(small[:, 0].tolist()) == {-1, 0, 1} and torch.all(small[:, 1] == 1)  # at least one step; no gain
+    assert torch.all(common.augment_table(50, 1, 0, 0, 0.0, 0.0, (8,)) == torch.tensor([0., 1.]))  # off
+
+
+def test_augmentation_only_below_five_samples_a_class(tmp_path):
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    few = data.make_task("few", "classification", "ce", "error", z(8, 1, 50), np.arange(8) % 4, z(4, 1, 50),
+                         np.arange(4) % 4)  # 2 a class (PigCVP)
+    many = data.make_task("many", "classification", "ce", "error", z(40, 1, 50), np.arange(40) % 4, z(4, 1, 50),
+                          np.arange(4) % 4)  # 10 a class (BasicMotions)
+    dense = data.make_task("dense", "dense", "mse", "nrmse", z(8, 1, 50), z(8, 1, 50), z(4, 1, 50), z(4, 1, 50))
+    assert common.auto_defaults(few)["augment_shift"] == common.AUTO_AUGMENT_SHIFT == 0.1
+    assert common.auto_defaults(many)["augment_shift"] == 0 and common.auto_defaults(dense)["augment_shift"] == 0
+    assert common.auto_defaults(data.get_task("pigcvp"))["augment_shift"] == 0.1
+    assert common.auto_defaults(data.get_task("gunpoint"))["augment_shift"] == 0
+
+
+def test_augmenting_a_dense_task_is_refused(run):
+    proc, _ = run("finetune.py", "--task", "synthetic_dense", "--body", "tiny", "--augment_shift", "0.1", check=False)
+    assert proc.returncode != 0 and "dense task" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
     import finetune
     path = _custom(tmp_path)
