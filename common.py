@@ -468,7 +468,8 @@ class Run:
             raise UserError(f"cannot read {path} to check the flags of the run to resume; start afresh (drop "
                             f"--resume) or give another --out_dir") from None
         keys = sorted((set(saved) | set(config)) - self.RESUME_FREE)
-        differ = [k for k in keys if saved.get(k) != config.get(k)]
+        # a flag newer than the saved run (absent from its config.json) ran at its off value, FIXED_DEFAULTS'
+        differ = [k for k in keys if saved.get(k, FIXED_DEFAULTS.get(k)) != config.get(k)]
         if differ:
             what = ", ".join(f"--{k} {saved.get(k)} (now {config.get(k)})" for k in differ[:6])
             raise UserError(f"--resume in {self.dir} with other flags than the run it continues: {what}; resume with "

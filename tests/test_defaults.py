@@ -160,6 +160,16 @@ def test_augmentation_only_below_five_samples_a_class(tmp_path):
     assert common.auto_defaults(data.get_task("gunpoint"))["augment_shift"] == 0
 
 
+def test_resume_of_a_run_older_than_the_augmentation_flags(tmp_path):
+    """A config.json written before --augment_shift existed resumes when the flag is off now, not when it is on."""
+    import types
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.001, "task": "pigcvp"}))
+    fake = types.SimpleNamespace(RESUME_FREE=common.Run.RESUME_FREE, dir=tmp_path)
+    common.Run.check_resume(fake, tmp_path / "config.json", {"lr": 0.001, "task": "pigcvp", "augment_shift": 0.0})
+    with pytest.raises(common.UserError, match="--augment_shift None"):
+        common.Run.check_resume(fake, tmp_path / "config.json", {"lr": 0.001, "task": "pigcvp", "augment_shift": 0.1})
+
+
 def test_augmenting_a_dense_task_is_refused(run):
     proc, _ = run("finetune.py", "--task", "synthetic_dense", "--body", "tiny", "--augment_shift", "0.1", check=False)
     assert proc.returncode != 0 and "dense task" in proc.stderr and "Traceback" not in proc.stderr
