@@ -147,14 +147,15 @@ def test_augment_draws_depend_on_seed_epoch_and_index_only():
     assert torch.all(common.augment_table(50, 1, 0, 0, 0.0, 0.0, (8,)) == torch.tensor([0., 1.]))  # off
 
 
-def test_augmentation_only_below_five_samples_a_class(tmp_path):
+def test_augmentation_only_at_two_samples_a_class(tmp_path):
     z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
     few = data.make_task("few", "classification", "ce", "error", z(8, 1, 50), np.arange(8) % 4, z(4, 1, 50),
                          np.arange(4) % 4)  # 2 a class (PigCVP)
-    many = data.make_task("many", "classification", "ce", "error", z(40, 1, 50), np.arange(40) % 4, z(4, 1, 50),
-                          np.arange(4) % 4)  # 10 a class (BasicMotions)
+    many = data.make_task("many", "classification", "ce", "error", z(12, 1, 50), np.arange(12) % 4, z(4, 1, 50),
+                          np.arange(4) % 4, x_val=z(4, 1, 50), y_val=np.arange(4) % 4)  # 3 a class
+    assert len(many.train) == 12
     dense = data.make_task("dense", "dense", "mse", "nrmse", z(8, 1, 50), z(8, 1, 50), z(4, 1, 50), z(4, 1, 50))
-    assert common.auto_defaults(few)["augment_shift"] == common.AUTO_AUGMENT_SHIFT == 0.1
+    assert common.auto_defaults(few)["augment_shift"] == common.AUTO_AUGMENT_SHIFT == 0.1 and few.num_outputs == 4
     assert common.auto_defaults(many)["augment_shift"] == 0 and common.auto_defaults(dense)["augment_shift"] == 0
     assert common.auto_defaults(data.get_task("pigcvp"))["augment_shift"] == 0.1
     assert common.auto_defaults(data.get_task("gunpoint"))["augment_shift"] == 0
