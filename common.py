@@ -542,33 +542,6 @@ def epoch_loader(dataset, batch_size, seed, epoch):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
 
 
-def augment_table(n, ndim, seed, epoch, shift, scale, size):
-    """Per-sample augmentation draws of an epoch, (n, ndim + 1): a translation per spatial axis (in samples or pixels,
-    uniform in [-k, k] with k = round(shift x size), at least 1) and a gain 1 + N(0, scale). Drawn from (seed,
-    epoch) alone and looked up by dataset index, so a sample's draw does not depend on the batch, the rank
-    (torchrun) or a resume, and the global RNG does not move."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
-    ks = [max(1, round(shift * s)) if shift > 0 else 0 for s in size]
-    shifts = torch.stack([torch.randint(-k, k + 1, (n,), generator=g) for k in ks], 1).float()
-    gains = (1 + scale * torch.randn(n, 1, generator=g)).clamp(min=0) if scale > 0 else torch.ones(n, 1)
-    return torch.cat([shifts, gains], 1)
-
-
-def augment(x, draws):
-    """Translate each input of (B, C, *size) by its draws' shifts (the edge value fills what comes in: a series
-    keeps its end level, an image its border) and multiply it by its gain: the time-shift and scaling
-    augmentations of time-series classification (Um et al. 2017; Iwana and Uchida 2021) and the random
-    translations of image classification, for a set of a few dozen samples."""
-    draws = draws.to(x.device)
-    B, C, *size = x.shape
-    for axis, n in enumerate(size):
-        src = (torch.arange(n, device=x.device) - draws[:, axis:axis + 1].long()).clamp(0, n - 1)  # (B, n)
-        shape = [B] + [1] * (len(size) + 1)
-        shape[axis + 2] = n
-        x = x.gather(axis + 2, src.view(shape).expand(x.shape))
-    return x * draws[:, -1].view([B] + [1] * (len(size) + 1)).to(x.dtype)
-
-
 def epoch_order(n, seed, epoch):
     """The order in which epoch_loader reads n samples (its iterator draws a base seed, then the permutation;
     tests/test_ddp.py checks the two agree), which fit splits between the processes."""
@@ -675,12 +648,12 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         loader = torch.utils.data.DataLoader(task.train, batch_sampler=[idx.tolist() for _, idx in micro],
                                              generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if distributed.is_main() else True)
-        draws = augment_table(len(task.train), len(task.in_shape) - 1, args.seed, epoch, shift, scale,
+        draws = data.augment_table(len(task.train), len(task.in_shape) - 1, args.seed, epoch, shift, scale,
                               task.in_shape[1:]) if shift > 0 or scale > 0 else None
         for i, ((m, idx), (x, y)) in enumerate(zip(micro, bar)):
             x, y = x.to(device), y.to(device)
             if draws is not None:
-                x = augment(x, draws[idx])
+                x = data.augment(x, draws[idx])
             last_micro = (i + 1) % local_accum == 0
             with distributed.micro_batch(m), distributed.no_sync(step_fn, not last_micro):
                 with ctx:

@@ -654,6 +654,34 @@ def source_features(name, body, body_key, data_dir="./datasets", n=5000, seed=0)
     return feats, ds.tensors[1]
 
 
+# ---- augmentation (common.fit, --augment_shift / --augment_scale) ------------------------------------------
+def augment_table(n, ndim, seed, epoch, shift, scale, size):
+    """Per-sample augmentation draws of an epoch, (n, ndim + 1): a translation per spatial axis (in samples or pixels,
+    uniform in [-k, k] with k = round(shift x size), at least 1) and a gain 1 + N(0, scale). Drawn from (seed,
+    epoch) alone and looked up by dataset index, so a sample's draw does not depend on the batch, the rank
+    (torchrun) or a resume, and the global RNG does not move."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+    ks = [max(1, round(shift * s)) if shift > 0 else 0 for s in size]
+    shifts = torch.stack([torch.randint(-k, k + 1, (n,), generator=g) for k in ks], 1).float()
+    gains = (1 + scale * torch.randn(n, 1, generator=g)).clamp(min=0) if scale > 0 else torch.ones(n, 1)
+    return torch.cat([shifts, gains], 1)
+
+
+def augment(x, draws):
+    """Translate each input of (B, C, *size) by its draws' shifts (the edge value fills what comes in: a series
+    keeps its end level, an image its border) and multiply it by its gain: the time-shift and scaling
+    augmentations of time-series classification (Um et al. 2017; Iwana and Uchida 2021) and the random
+    translations of image classification, for a set with very few samples a class."""
+    draws = draws.to(x.device)
+    B, C, *size = x.shape
+    for axis, n in enumerate(size):
+        src = (torch.arange(n, device=x.device) - draws[:, axis:axis + 1].long()).clamp(0, n - 1)  # (B, n)
+        shape = [B] + [1] * (len(size) + 1)
+        shape[axis + 2] = n
+        x = x.gather(axis + 2, src.view(shape).expand(x.shape))
+    return x * draws[:, -1].view([B] + [1] * (len(size) + 1)).to(x.dtype)
+
+
 # ---- command line --------------------------------------------------------------------------------------------
 def _status(name, spec, data_dir):
     """'built-in', or 'yes (size)' / 'no' for the files a task reads."""
@@ -682,4 +710,3 @@ if __name__ == "__main__":
             body = spec["defaults"].get("body", "-")
             print(f"{name:27s} {str(spec['kind']):15s} {body:8s} {str(spec['metric']):8s} {spec.get('size', '-'):24s} "
                   f"{_status(name, spec, a.data_dir)}")
-
