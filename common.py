@@ -201,6 +201,7 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
             chosen[k] = v
+    refuse_dense_augment(data.TASKS[args.task]["kind"], args.task, args.augment_shift, args.augment_scale)
     if args.decay_epochs < 0:
         args.decay_epochs = args.epochs
     if args.ckpt_every is None:
@@ -210,6 +211,15 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
     args.auto_flags = sorted(chosen)
     args.auto_task = bool(data.TASKS[args.task].get("auto"))  # epochs already sized from --steps by auto_defaults
     return args
+
+
+def refuse_dense_augment(kind, name, shift, scale):
+    """Augmentation moves the inputs, not the targets: a dense task (targets laid out like the inputs) refuses it,
+    before any stage runs where the kind is known from the task table."""
+    if (shift or 0) > 0 or (scale or 0) > 0:
+        if kind == "dense":
+            raise UserError(f"--augment_shift / --augment_scale move or scale the inputs of a dense task ({name}) "
+                            f"without its targets; set both to 0")
 
 
 # flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
@@ -616,9 +626,7 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     select = getattr(args, "select", "best") or "best"
     every = getattr(args, "ckpt_every", 1) or 1
     shift, scale = getattr(args, "augment_shift", 0) or 0, getattr(args, "augment_scale", 0) or 0
-    if (shift > 0 or scale > 0) and task.kind == "dense":
-        raise UserError(f"--augment_shift / --augment_scale move or scale the inputs of a dense task "
-                        f"({task.name}) without its targets; set both to 0")
+    refuse_dense_augment(task.kind, task.name, shift, scale)  # custom .npz: the kind is known only now
     seed_everything(args.seed + 1)  # fine-tuning randomness must not depend on whether stage 1 ran (resume)
     start_epoch, step, best, best_state = 0, 0, math.inf, None
     last = run.dir / "last.pt"
@@ -649,7 +657,7 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
                                              generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if distributed.is_main() else True)
         draws = data.augment_table(len(task.train), len(task.in_shape) - 1, args.seed, epoch, shift, scale,
-                              task.in_shape[1:]) if shift > 0 or scale > 0 else None
+                                   task.in_shape[1:]) if shift > 0 or scale > 0 else None
         for i, ((m, idx), (x, y)) in enumerate(zip(micro, bar)):
             x, y = x.to(device), y.to(device)
             if draws is not None:

@@ -171,9 +171,18 @@ def test_resume_of_a_run_older_than_the_augmentation_flags(tmp_path):
         common.Run.check_resume(fake, tmp_path / "config.json", {"lr": 0.001, "task": "pigcvp", "augment_shift": 0.1})
 
 
-def test_augmenting_a_dense_task_is_refused(run):
-    proc, _ = run("finetune.py", "--task", "synthetic_dense", "--body", "tiny", "--augment_shift", "0.1", check=False)
+def test_augmenting_a_dense_task_is_refused(run, tmp_path):
+    # a task-table dense task: refused at parse time, before ORCA's alignment stage would run
+    proc, _ = run("orca.py", "--task", "synthetic_dense", "--body", "tiny", "--augment_shift", "0.1", check=False)
     assert proc.returncode != 0 and "dense task" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stage" not in proc.stdout
+    # a dense custom .npz (its kind known once the file is read): refused by fit
+    x = np.random.default_rng(0).standard_normal((40, 1, 32)).astype(np.float32)
+    path = tmp_path / "dense.npz"
+    np.savez(path, x_train=x, y_train=x.copy(), x_test=x[:8], y_test=x[:8].copy())
+    proc, _ = run("finetune.py", "--task", "custom", "--data_path", path, "--body", "tiny", "--augment_scale", "0.1",
+                  check=False)
+    assert proc.returncode != 0 and "dense task (custom)" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
