@@ -522,6 +522,7 @@ class Run:
             self.plot()
             print("FINAL " + json.dumps(results))
         distributed.barrier()  # the other ranks end with rank 0 (a rank that leaves early aborts the group)
+        distributed.end()  # under torchrun: every rank exits here, past gloo's teardown at interpreter exit
         return results
 
     def plot(self):
