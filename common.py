@@ -216,10 +216,9 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
 def refuse_dense_augment(kind, name, shift, scale):
     """Augmentation moves the inputs, not the targets: a dense task (targets laid out like the inputs) refuses it,
     before any stage runs where the kind is known from the task table."""
-    if (shift or 0) > 0 or (scale or 0) > 0:
-        if kind == "dense":
-            raise UserError(f"--augment_shift / --augment_scale move or scale the inputs of a dense task ({name}) "
-                            f"without its targets; set both to 0")
+    if kind == "dense" and (shift > 0 or scale > 0):
+        raise UserError(f"--augment_shift / --augment_scale move or scale the inputs of a dense task ({name}) "
+                        f"without its targets; set both to 0")
 
 
 # flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
@@ -657,8 +656,8 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
         loader = torch.utils.data.DataLoader(task.train, batch_sampler=[idx.tolist() for _, idx in micro],
                                              generator=torch.Generator())
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if distributed.is_main() else True)
-        draws = data.augment_table(len(task.train), len(task.in_shape) - 1, args.seed, epoch, shift, scale,
-                                   task.in_shape[1:]) if shift > 0 or scale > 0 else None
+        draws = (data.augment_table(len(task.train), args.seed, epoch, shift, scale, task.in_shape[1:])
+                 if shift > 0 or scale > 0 else None)
         for i, ((m, idx), (x, y)) in enumerate(zip(micro, bar)):
             x, y = x.to(device), y.to(device)
             if draws is not None:

@@ -655,8 +655,8 @@ def source_features(name, body, body_key, data_dir="./datasets", n=5000, seed=0)
 
 
 # ---- augmentation (common.fit, --augment_shift / --augment_scale) ------------------------------------------
-def augment_table(n, ndim, seed, epoch, shift, scale, size):
-    """Per-sample augmentation draws of an epoch, (n, ndim + 1): a translation per spatial axis (in samples or pixels,
+def augment_table(n, seed, epoch, shift, scale, size):
+    """Per-sample augmentation draws of an epoch, (n, len(size) + 1): a translation per spatial axis (in samples or pixels,
     uniform in [-k, k] with k = round(shift x size), at least 1) and a gain 1 + N(0, scale). Drawn from (seed,
     epoch) alone and looked up by dataset index, so a sample's draw does not depend on the batch, the rank
     (torchrun) or a resume, and the global RNG does not move."""

@@ -137,14 +137,14 @@ def test_augment_matches_a_direct_loop():
 
 
 def test_augment_draws_depend_on_seed_epoch_and_index_only():
-    a = data.augment_table(500, 2, 0, 3, 0.1, 0.2, (28, 40))
-    assert torch.equal(a, data.augment_table(500, 2, 0, 3, 0.1, 0.2, (28, 40)))  # resume / every rank: same draws
-    assert not torch.equal(a, data.augment_table(500, 2, 0, 4, 0.1, 0.2, (28, 40)))  # a new epoch: new draws
+    a = data.augment_table(500, 0, 3, 0.1, 0.2, (28, 40))
+    assert torch.equal(a, data.augment_table(500, 0, 3, 0.1, 0.2, (28, 40)))  # resume / every rank: same draws
+    assert not torch.equal(a, data.augment_table(500, 0, 4, 0.1, 0.2, (28, 40)))  # a new epoch: new draws
     assert set(a[:, 0].tolist()) == set(range(-3, 4)) and set(a[:, 1].tolist()) == set(range(-4, 5))  # round(0.1 s)
     assert 0.15 < a[:, 2].std() < 0.25 and abs(a[:, 2].mean() - 1) < 0.05
-    small = data.augment_table(200, 1, 0, 0, 0.1, 0.0, (8,))
+    small = data.augment_table(200, 0, 0, 0.1, 0.0, (8,))
     assert set(small[:, 0].tolist()) == {-1, 0, 1} and torch.all(small[:, 1] == 1)  # at least one step; no gain
-    assert torch.all(data.augment_table(50, 1, 0, 0, 0.0, 0.0, (8,)) == torch.tensor([0., 1.]))  # off
+    assert torch.all(data.augment_table(50, 0, 0, 0.0, 0.0, (8,)) == torch.tensor([0., 1.]))  # off
 
 
 def test_augmentation_only_at_two_samples_a_class(tmp_path):
