@@ -655,12 +655,14 @@ def source_features(name, body, body_key, data_dir="./datasets", n=5000, seed=0)
 
 
 # ---- augmentation (common.fit, --augment_shift / --augment_scale) ------------------------------------------
+AUGMENT_STREAM = 0xA06  # the tag that keeps augment_table's random stream apart from every other generator's
 def augment_table(n, seed, epoch, shift, scale, size):
     """Per-sample augmentation draws of an epoch, (n, len(size) + 1): a translation per spatial axis (in samples or pixels,
     uniform in [-k, k] with k = round(shift x size), at least 1) and a gain 1 + N(0, scale). Drawn from (seed,
     epoch) alone and looked up by dataset index, so a sample's draw does not depend on the batch, the rank
-    (torchrun) or a resume, and the global RNG does not move."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+    (torchrun) or a resume, and the global RNG does not move. The generator's seed is hashed from (seed, epoch, a tag
+    of its own), so this stream is not the shuffle stream of any epoch (common.epoch_loader: seed x 100003 + epoch)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, AUGMENT_STREAM]).generate_state(1)[0]))
     ks = [max(1, round(shift * s)) if shift > 0 else 0 for s in size]
     shifts = torch.stack([torch.randint(-k, k + 1, (n,), generator=g) for k in ks], 1).float()
     gains = (1 + scale * torch.randn(n, 1, generator=g)).clamp(min=0) if scale > 0 else torch.ones(n, 1)

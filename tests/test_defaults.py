@@ -147,6 +147,16 @@ def test_augment_draws_depend_on_seed_epoch_and_index_only():
     assert torch.all(data.augment_table(50, 0, 0, 0.0, 0.0, (8,)) == torch.tensor([0., 1.]))  # off
 
 
+def test_augment_draws_are_not_a_shuffle_stream():
+    # the shifts must not replay the randint stream of the shuffle generator of any nearby epoch (an earlier seed,
+    # seed x 100003 + epoch + 7, was exactly epoch_loader's seed for epoch + 7)
+    for seed, epoch in [(0, 0), (0, 3), (2, 5)]:
+        shifts = data.augment_table(300, seed, epoch, 0.5, 0.0, (16,))[:, 0]
+        for e in range(-20, 40):
+            g = torch.Generator().manual_seed(seed * 100_003 + e)
+            assert not torch.equal(shifts, torch.randint(-8, 9, (300,), generator=g).float())
+
+
 def test_augmentation_only_at_two_samples_a_class(tmp_path):
     z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
     few = data.make_task("few", "classification", "ce", "error", z(8, 1, 50), np.arange(8) % 4, z(4, 1, 50),

@@ -237,7 +237,8 @@ def test_resumed_log_equals_an_uninterrupted_run(tmp_path):
     (["--lr", "0"], "--lr"), (["--lr=-1e-3"], "--lr"), (["--lr", "nan"], "--lr"), (["--epochs", "0"], "--epochs"),
     (["--target_seq_len", "0"], "--target_seq_len"), (["--steps", "0"], "--steps"),
     (["--max_steps", "0"], "--max_steps"), (["--eval_batch_size", "0"], "--eval_batch_size"),
-    (["--weight_decay", "-1"], "--weight_decay"), (["--device", "tpu"], "--device")])
+    (["--weight_decay", "-1"], "--weight_decay"), (["--seed", "-1"], "--seed"),
+    (["--device", "tpu"], "--device")])
 def test_bad_flags_give_one_line(flags, named):
     with pytest.raises(UserError) as e:
         finetune.get_args([*TINY, *flags])
