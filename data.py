@@ -465,8 +465,19 @@ def get_task(name, data_dir="./datasets", data_path=None, val_fraction=0.1, kind
     spec = TASKS.get(name) or task_defaults(name)
     if name == "custom":
         kind, loss, metric, d = _custom(data_path, kind)
+        extra = {}
+        if kind == "regression":
+            # one target a sample, (N,), is the common layout: the head needs (N, 1)
+            d = {k: v[:, None] if k.startswith("y_") and v.ndim == 1 else v for k, v in d.items()}
+            if len(d["y_train"]) > 1 and np.isfinite(d["y_train"]).all():  # else make_task names the problem
+                # targets standardised per output with the y_train statistics (the validation part carved from it
+                # included; never the test split): the head starts near 0 and the learning rate is tuned for O(1)
+                # outputs, so a target of scale 1000 would not be reached in a run's steps. Loss and metric are on
+                # decoded values, in the user's units (Task.decode), as the PDE tasks do.
+                extra["decode"] = official_data.GaussianNormalizer.fit(d["y_train"])
+                d = {k: extra["decode"].encode(v) if k.startswith("y_") else v for k, v in d.items()}
         return make_task(name, kind, loss, metric, d["x_train"], d["y_train"], d["x_test"], d["y_test"],
-                         d.get("x_val"), d.get("y_val"), val_fraction, min_val=MIN_VAL)
+                         d.get("x_val"), d.get("y_val"), val_fraction, min_val=MIN_VAL, **extra)
     out = spec["load"](name, data_dir=data_dir)
     if isinstance(out, tuple):
         out = dict(zip(("x_train", "y_train", "x_test", "y_test"), out))

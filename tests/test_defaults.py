@@ -274,3 +274,23 @@ def test_knn_error_matches_a_direct_computation():
     xt, yt = task.test.tensors
     nearest = torch.cdist(xt.flatten(1), x).argmin(1)
     assert bench.knn_error(task) == pytest.approx((y[nearest] != yt).float().mean().item())
+
+
+def test_custom_regression_with_one_target_a_sample_learns_in_the_users_units(tmp_path, run):
+    # y (N,) floats of scale 1000: the common layout of a user's regression set. It used to crash the head's build
+    # (out_shape ()), and unstandardised targets are out of reach of a head that starts near 0 (MiniLM on a case like
+    # this: test mse 669,000 against 11,800 for predicting the mean; 7,000 standardised)
+    rng = np.random.RandomState(0)
+    x = rng.randn(160, 1, 32).astype(np.float32)
+    y = (1000 + 300 * x[:, 0, :8].mean(1)).astype(np.float32)
+    path = tmp_path / "reg.npz"
+    np.savez(path, x_train=x[:120], y_train=y[:120], x_test=x[120:], y_test=y[120:])
+    task = data.get_task("custom", data_path=path)
+    assert task.kind == "regression" and task.out_shape == (1,)
+    y_train = torch.stack([task.train[i][1] for i in range(len(task.train))])
+    assert abs(float(y_train.mean())) < 0.3 and 0.7 < float(y_train.std()) < 1.3  # standardised targets
+    assert torch.allclose(task.decode(task.test[0][1]), torch.tensor(y[120:121]), rtol=1e-5)
+    _, final = run("finetune.py", "--task", "custom", "--data_path", path, "--body", "tiny", "--steps", "60",
+                   "--out_dir", tmp_path / "out")
+    mean_guess = float(((y[120:] - y[:120].mean()) ** 2).mean())  # about 15,000: the mse of predicting the mean
+    assert final["metric"] == "mse" and final["test_score"] < 0.9 * mean_guess  # in the user's units, and learnt
