@@ -135,6 +135,22 @@ def test_embedder_epochs_zero_is_plain_finetuning(run):
     assert final["meta_steps"] == 0 and "stage 1 skipped" in proc.stdout and "meta step" not in proc.stdout
 
 
+def test_outer_lr_default_is_data_aware():
+    # beta: AUTO_OUTER_LR_MULT x --lr on the data-aware tasks (chosen on the suite), ORCA's 10 x --lr on the others;
+    # an explicit --outer_lr wins on both, and the data-aware choice is listed with the other chosen defaults
+    auto = mona.get_args(["--task", "gunpoint", "--body", "tiny"])
+    assert auto.outer_lr == pytest.approx(mona.AUTO_OUTER_LR_MULT * auto.lr) and "outer_lr" in auto.auto_flags
+    assert mona.get_args(["--task", "gunpoint", "--body", "tiny", "--lr", "2e-3"]).outer_lr == pytest.approx(
+        mona.AUTO_OUTER_LR_MULT * 2e-3)
+    bench = mona.get_args(["--task", "synthetic", "--body", "tiny"])
+    assert bench.outer_lr == pytest.approx(10 * bench.lr) and "outer_lr" not in bench.auto_flags
+    for task in ("gunpoint", "synthetic"):
+        explicit = mona.get_args(["--task", task, "--body", "tiny", "--outer_lr", "5e-4"])
+        assert explicit.outer_lr == 5e-4 and "outer_lr" not in explicit.auto_flags
+    assert mona.get_args(["--task", "synthetic", "--body", "tiny", "--outer_lr", "-1"]).outer_lr == pytest.approx(
+        10 * bench.lr)
+
+
 def test_smoke_run(run, tmp_path):
     proc, final = run("mona.py", "--task", "synthetic", "--body", "tiny", "--epochs", "1", "--meta_steps", "2",
                       "--distortion", "--probe_samples", "100", "--log_interval", "1")
