@@ -33,7 +33,8 @@ Choices where the paper is silent or the slides are ambiguous (there is no offic
   embedder training on L_inner alone (an ablation, not a cheap MAML-style approximation). L_inner's own gradient
   reaches phi_e directly. L_inner in L'_outer is the loss at theta (before the virtual step), on the same batch.
 - The embedder update uses the script's optimiser (AdamW by default) with lr beta = --outer_lr, not plain SGD; beta
-  defaults to 10x the fine-tuning lr, the embedder-lr rule of ORCA's code (task_configs.py), which MoNA compares to.
+  defaults to 10x the fine-tuning lr, the embedder-lr rule of ORCA's code (task_configs.py), which MoNA compares to
+  (offline / custom tasks: 1x, AUTO_OUTER_LR_MULT, chosen on the development suite).
 - alpha, beta, lambda, I_1 are not in the slides; defaults below are ours (see docs/mona.md). Attention runs on
   PyTorch's math kernel during the virtual update, because the fused kernels have no double backward.
 
