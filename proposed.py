@@ -48,6 +48,13 @@ import data
 import distributed
 
 STAGE1_FILE = {"000": "embedder.pt", "001": "predictor.pt"}  # the stage-1 output of each version
+# stage-1 learning rate on the data-aware (offline / custom) tasks, chosen on the development suite alone (bench.py
+# suite, seeds 0-2, 1e-3 -> 1e-4): GunPoint 0.224 -> 0.176, PigCVP 0.554 -> 0.513, digits 0.038 -> 0.036, Coffee
+# 0.143 -> 0.143, BasicMotions 0 -> 0, Fashion-MNIST 0.236 -> 0.243. At 1e-3 the 10 contrastive epochs move the
+# embedder away from what stage 2 then needs (--contrastive_epochs 0 on PigCVP: 0.509); 1e-4 keeps the stage and
+# loses nothing. Each difference is within its set's 3-seed spread: the evidence is that it is never worse by more
+# than 0.007 and better in the mean on 3 sets. The benchmark tasks keep 1e-3.
+AUTO_CONTRASTIVE_LR = 1e-4
 
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -57,7 +64,8 @@ def get_args(argv=None):
     g = parser.add_argument_group("proposed: version and stage 1 (augmentation + contrastive training)")
     g.add_argument("--version", default="000", choices=["000", "001"], help="000: slides 48-51; 001: slides 33-38")
     g.add_argument("--contrastive_epochs", "--embedder_epochs", type=int, default=10, help="stage 1; 0 = off")
-    g.add_argument("--contrastive_lr", type=float, default=1e-3, help="stage-1 AdamW learning rate")
+    g.add_argument("--contrastive_lr", type=float, default=None,
+                   help="stage-1 AdamW learning rate (default 1e-3; offline / custom tasks: AUTO_CONTRASTIVE_LR)")
     g.add_argument("--noise_scales", type=float, nargs="*", default=[0.1, 0.2, 0.4], help="the K sigmas in [0, 1]")
     g.add_argument("--noise_steps", type=int, default=2, help="T perturbation steps per scale; 0 = no augmentation")
     g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True, help="sigma in std units")
@@ -91,7 +99,10 @@ def get_args(argv=None):
     g.add_argument("--predict", default="normal", choices=["normal", "perturb"], help="perturb: y = E[h(d~)]")
     g.add_argument("--perturb_samples", type=int, default=8, help="noisy copies of d averaged by --predict perturb")
     g.add_argument("--perturb_sigma", type=float, default=0.1, help="sigma of --predict perturb (0 = normal)")
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, method_auto=lambda a, task: dict(contrastive_lr=AUTO_CONTRASTIVE_LR))
+    args.contrastive_lr = 1e-3 if args.contrastive_lr is None else args.contrastive_lr
+    if args.contrastive_lr <= 0:
+        raise common.UserError("--contrastive_lr must be > 0")
     if any(not 0 <= s <= 1 for s in args.noise_scales + [args.perturb_sigma]) or args.noise_steps < 0:
         raise common.UserError("--noise_scales / --perturb_sigma must lie in [0, 1] and --noise_steps be >= 0")
     if args.tau <= 0 or args.lambda_eps <= 0 or args.k0 < 0 or args.k_end < 0 or args.perturb_samples < 1:

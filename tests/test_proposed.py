@@ -160,6 +160,20 @@ def test_perturbation_forwarding_with_zero_sigma_is_normal_forwarding(task_name)
     assert noisy.shape == normal.shape and not torch.allclose(noisy, normal, atol=1e-3)
 
 
+def test_contrastive_lr_default_is_data_aware():
+    # stage-1 lr: AUTO_CONTRASTIVE_LR on the data-aware tasks (chosen on the suite), the slides' 1e-3 on the others;
+    # an explicit --contrastive_lr wins on both, and the data-aware choice is listed with the other chosen defaults
+    auto = proposed.get_args(["--task", "gunpoint", "--body", "tiny"])
+    assert auto.contrastive_lr == proposed.AUTO_CONTRASTIVE_LR != 1e-3 and "contrastive_lr" in auto.auto_flags
+    bench = proposed.get_args(["--task", "synthetic", "--body", "tiny"])
+    assert bench.contrastive_lr == 1e-3 and "contrastive_lr" not in bench.auto_flags
+    for task in ("gunpoint", "synthetic"):
+        explicit = proposed.get_args(["--task", task, "--body", "tiny", "--contrastive_lr", "5e-4"])
+        assert explicit.contrastive_lr == 5e-4 and "contrastive_lr" not in explicit.auto_flags
+    with pytest.raises(common.UserError, match="--contrastive_lr"):
+        proposed.get_args(["--task", "synthetic", "--body", "tiny", "--contrastive_lr", "0"])
+
+
 def test_smoke_version_000_and_resume(run, tmp_path):
     proc, final = run("proposed.py", *TINY)
     assert final["version"] == "000" and final["scorer"] == "attention" and 0 <= final["test_score"] <= 1
