@@ -78,6 +78,8 @@ def get_args(argv=None):
                         "others when in --data_dir; else the proxy docstrings for text bodies, digits for vision; "
                         "synthetic for tiny) | conll | cifar10 | docstrings | digits | synthetic | none (= no "
                         "alignment)")
+    g.add_argument("--align_lr", type=float, default=None,
+                   help="embedder lr of stage 2 (default: the official 10 x --lr when --lr <= 1e-3, else --lr)")
     g.add_argument("--eps", type=float, default=0.1, help="entropic regularisation of the Sinkhorn solves")
     g.add_argument("--num_pseudo_classes", type=int, default=10,
                    help="k-means clusters of the targets that act as classes for dense / regression tasks")
@@ -87,6 +89,9 @@ def get_args(argv=None):
     g.add_argument("--freeze", default="none", choices=list(FREEZE),
                    help="what stays frozen in stage 3: none (official) | embedder | body | both (head only)")
     args = common.parse_args(parser, argv, method_defaults=ORCA_DEFAULTS)
+    args.align_lr = embedder_lr(args.lr) if args.align_lr is None else args.align_lr
+    if args.align_lr <= 0:
+        raise common.UserError("--align_lr must be > 0 (stage 2 off: --embedder_epochs 0)")
     if args.embedder_epochs < 0 or args.maxsamples < 2:
         raise common.UserError("--embedder_epochs must be >= 0 and --maxsamples >= 2")
     return args
@@ -190,12 +195,12 @@ def align_embedder(model, dataset, labels, src_x, src_y, args, run, device):
 
     before = fixed_otdd()
     params = list(model.embedder.parameters())
-    optimizer = common.make_optimizer(params, args.optimizer, embedder_lr(args.lr), args.weight_decay, args.momentum)
+    optimizer = common.make_optimizer(params, args.optimizer, args.align_lr, args.weight_decay, args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_lr)
     generator = torch.Generator().manual_seed(args.seed)
     key = args.objective.replace("-", "_")
     print(f"stage 2: {len(groups)} classes, {n_take} points per class, {len(src_x)} source points, "
-          f"{args.objective} before {before:.4f}, embedder lr {embedder_lr(args.lr):.1e}")
+          f"{args.objective} before {before:.4f}, embedder lr {args.align_lr:.1e}")
     model.train()
     run.truncate("align")  # a stage 2 redone after a kill logs its steps again
     for step in range(1, args.embedder_epochs + 1):

@@ -144,6 +144,15 @@ def test_stage2_lowers_otdd_and_trains_the_embedder_alone(tmp_path):
     assert lrs[1] == pytest.approx(1e-2) and lrs[21] == pytest.approx(1e-2) and lrs[22] == pytest.approx(2e-3)
 
 
+def test_align_lr_flag_sets_the_stage2_rate(tmp_path):
+    # default: the official embedder_lr(--lr); --align_lr replaces it, under the same StepLR
+    assert orca.get_args(list(TINY)).align_lr == pytest.approx(orca.embedder_lr(orca.get_args(list(TINY)).lr))
+    task, model, args, run, src_x, src_y = align_setup(tmp_path, "--embedder_epochs", "22", "--align_lr", "3e-3")
+    orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
+    lrs = {r["step"]: r["lr"] for r in run.records() if r["stage"] == "align"}
+    assert lrs[1] == pytest.approx(3e-3) and lrs[22] == pytest.approx(6e-4)
+
+
 @pytest.mark.parametrize("objective", ["otdd-gaussian", "mmd", "l2"])
 def test_other_objectives_run_and_lower_otdd(tmp_path, objective):
     task, model, args, run, src_x, src_y = align_setup(tmp_path, "--embedder_epochs", "10", "--objective", objective)
