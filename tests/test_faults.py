@@ -334,7 +334,7 @@ def test_nan_in_orca_alignment_stops_before_otdd(tmp_path, monkeypatch):
         orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
     assert "non-finite embedder weights after embedder step 1" in one_line(e)
     monkeypatch.undo()
-    args.lr, model = 1e30, common.build_model(task, "tiny", target_seq_len=16)  # finite weights, NaN features:
+    args.align_lr, model = 1e30, common.build_model(task, "tiny", target_seq_len=16)  # finite weights, NaN features:
     with pytest.raises(UserError, match="non-finite otdd"):  # stopped here, not by a ValueError inside otdd.py
         orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
 
