@@ -223,7 +223,8 @@ def refuse_dense_augment(kind, name, shift, scale):
 
 # flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
 POSITIVE = ("batch_size", "accum", "epochs", "steps", "target_seq_len", "eval_batch_size", "log_interval",
-            "ckpt_every", "lora_rank", "lr", "new_lr_mult")
+            "ckpt_every", "lora_rank", "lr", "new_lr_mult",
+            "align_lr", "contrastive_lr")  # orca.py's and proposed.py's own learning rates
 NON_NEGATIVE = ("seed", "weight_decay", "momentum", "warmup_epochs", "clip", "embed_bias_std", "augment_shift",
                 "augment_scale")
 OFF_OR_POSITIVE = ("max_steps", "decay_epochs")

@@ -90,8 +90,6 @@ def get_args(argv=None):
                    help="what stays frozen in stage 3: none (official) | embedder | body | both (head only)")
     args = common.parse_args(parser, argv, method_defaults=ORCA_DEFAULTS)
     args.align_lr = embedder_lr(args.lr) if args.align_lr is None else args.align_lr
-    if args.align_lr <= 0:
-        raise common.UserError("--align_lr must be > 0 (stage 2 off: --embedder_epochs 0)")
     if args.embedder_epochs < 0 or args.maxsamples < 2:
         raise common.UserError("--embedder_epochs must be >= 0 and --maxsamples >= 2")
     return args

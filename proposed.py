@@ -101,8 +101,6 @@ def get_args(argv=None):
     g.add_argument("--perturb_sigma", type=float, default=0.1, help="sigma of --predict perturb (0 = normal)")
     args = common.parse_args(parser, argv, method_auto=lambda a, task: dict(contrastive_lr=AUTO_CONTRASTIVE_LR))
     args.contrastive_lr = 1e-3 if args.contrastive_lr is None else args.contrastive_lr
-    if args.contrastive_lr <= 0:
-        raise common.UserError("--contrastive_lr must be > 0")
     if any(not 0 <= s <= 1 for s in args.noise_scales + [args.perturb_sigma]) or args.noise_steps < 0:
         raise common.UserError("--noise_scales / --perturb_sigma must lie in [0, 1] and --noise_steps be >= 0")
     if args.tau <= 0 or args.lambda_eps <= 0 or args.k0 < 0 or args.k_end < 0 or args.perturb_samples < 1:

@@ -146,7 +146,10 @@ def test_stage2_lowers_otdd_and_trains_the_embedder_alone(tmp_path):
 
 def test_align_lr_flag_sets_the_stage2_rate(tmp_path):
     # default: the official embedder_lr(--lr); --align_lr replaces it, under the same StepLR
-    assert orca.get_args(list(TINY)).align_lr == pytest.approx(orca.embedder_lr(orca.get_args(list(TINY)).lr))
+    default = orca.get_args(list(TINY))
+    assert default.align_lr == pytest.approx(orca.embedder_lr(default.lr))
+    with pytest.raises(common.UserError, match="--align_lr"):
+        orca.get_args([*TINY, "--align_lr", "0"])
     task, model, args, run, src_x, src_y = align_setup(tmp_path, "--embedder_epochs", "22", "--align_lr", "3e-3")
     orca.align_embedder(model, task.train, data.class_labels(task), src_x, src_y, args, run, "cpu")
     lrs = {r["step"]: r["lr"] for r in run.records() if r["stage"] == "align"}
