@@ -39,7 +39,7 @@ from metrics import (SUMMED_LOSSES, compute_loss, compute_metric, evaluate, mae8
 # --task custom get data-aware values from `auto_defaults` (an explicit flag always wins).
 FIXED_DEFAULTS = dict(target_seq_len=512, epochs=20, batch_size=16, lr=1e-4, warmup_epochs=1, finetune="full",
                       input_norm="none", embed_bias_std=0.0, new_lr_mult=1.0, select="best", augment_shift=0.0,
-                      augment_scale=0.0)
+                      augment_scale=0.0, tta=0)
 
 
 def add_common_args(parser):
@@ -84,6 +84,10 @@ def add_common_args(parser):
                         "(per-sample labels only; 0 = off)")
     g.add_argument("--augment_scale", type=float, default=None,
                    help="std of a random gain 1 + N(0, s) on each training input (0 = off)")
+    g.add_argument("--tta", type=int, default=None,
+                   help="test-time augmentation: the tested checkpoint's class probabilities are averaged over the "
+                        "input and N-1 fixed translations within --augment_shift (0 = off; default: 9 where the "
+                        "training inputs are translated, else 0)")
     g.add_argument("--select", default=None, choices=["best", "last"],
                    help="checkpoint tested: best on validation | last epoch (default: best, or last when the "
                         "validation split has fewer than 50 samples and cannot rank epochs)")
@@ -120,7 +124,8 @@ def auto_defaults(task, body="minilm", step_budget=None):
     - inputs standardised per channel with training statistics; the checkpoint tested is the best on validation
       only when the validation split can rank epochs (>= 50 samples), else the last;
     - a classification set with at most 2 training samples a class trains on randomly translated inputs (up to 10 %
-      of the length / side); larger sets do not, where it costs more than it brings."""
+      of the length / side), and its tested model averages its predictions over 9 translations (--tta 9); larger
+      sets do neither, where it costs more than it brings."""
     n = len(task.train)
     C, *size = task.in_shape
     if len(size) == 1:
@@ -138,7 +143,7 @@ def auto_defaults(task, body="minilm", step_budget=None):
     return dict(target_seq_len=tokens, batch_size=batch, epochs=epochs, warmup_epochs=round(0.1 * epochs, 3),
                 lr=AUTO_LR, new_lr_mult=AUTO_NEW_LR_MULT, finetune=AUTO_FINETUNE, input_norm="channel",
                 embed_bias_std=AUTO_BIAS_STD, augment_shift=AUTO_AUGMENT_SHIFT if few else 0.0, augment_scale=0.0,
-                select="best" if len(task.val) >= 50 else "last")
+                tta=AUTO_TTA if few else 0, select="best" if len(task.val) >= 50 else "last")
 
 
 # development suite, seed 0 (bench.py suite; docs/finetune.md): 300 steps; norms at 1e-3 as fast as full
@@ -170,6 +175,9 @@ AUTO_MIN_EPOCHS, AUTO_MAX_STEPS = 20, 1000
 # 0.304 / 0.107 -> 0.286, Fashion-MNIST 0.565 -> 0.597 / 0.589 -> 0.524 / 0.407 -> 0.448: a net gain at 2 a class
 # only (3 of 5 sets, by 0.10-0.22; Coffee's spectra, where a position is a wavelength, lose 0.23)
 AUTO_AUGMENT_SHIFT, AUTO_AUGMENT_BELOW = 0.1, 3
+# where the training inputs are translated, the tested model averages its class probabilities over the input and 8
+# fixed translations in the same range (--tta 9; docs/finetune.md "Test-time augmentation")
+AUTO_TTA = 9
 
 
 def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
@@ -202,6 +210,9 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
             setattr(args, k, v)
             chosen[k] = v
     refuse_dense_augment(data.TASKS[args.task]["kind"], args.task, args.augment_shift, args.augment_scale)
+    if args.tta > 1 and not args.augment_shift > 0:
+        raise UserError(f"--tta {args.tta} averages over translations within --augment_shift, which is 0; set "
+                        f"--augment_shift (e.g. 0.1) or --tta 0")
     if args.decay_epochs < 0:
         args.decay_epochs = args.epochs
     if args.ckpt_every is None:
@@ -226,7 +237,7 @@ POSITIVE = ("batch_size", "accum", "epochs", "steps", "target_seq_len", "eval_ba
             "ckpt_every", "lora_rank", "lr", "new_lr_mult",
             "align_lr", "contrastive_lr")  # orca.py's and proposed.py's own learning rates
 NON_NEGATIVE = ("seed", "weight_decay", "momentum", "warmup_epochs", "clip", "embed_bias_std", "augment_shift",
-                "augment_scale")
+                "augment_scale", "tta")
 OFF_OR_POSITIVE = ("max_steps", "decay_epochs")
 
 
@@ -423,7 +434,7 @@ class Run:
     # flags that may change on --resume: where and how the run is executed, not what it computes
     RESUME_FREE = {"resume", "out_dir", "data_dir", "device", "eval_batch_size", "log_interval", "ckpt_every",
                    "max_steps", "auto_flags", "distortion", "probe_samples", "probe_ckpt", "deterministic",
-                   "compile", "fused"}
+                   "compile", "fused", "tta"}  # tta: the test only
 
     def __init__(self, method, args):
         self.method, self.args, self.start = method, args, time.time()
@@ -731,13 +742,41 @@ def _cpu_state(model, epoch, val_score):
             "val_score": val_score}
 
 
+class TranslationTTA(torch.nn.Module):
+    """Test-time augmentation matched to --augment_shift: log of the class probabilities averaged over the input
+    and n-1 translations drawn once (fixed generator, the same for every sample and run) from the training
+    translations' range, so the tested model predicts the mean over the inputs it was trained to treat alike
+    (the test-time counterpart of training-time augmentation; Krizhevsky et al. 2012, Shanmugam et al. 2021).
+    Returned as log-probabilities: cross-entropy on them is the loss of the averaged prediction."""
+
+    def __init__(self, model, shift, n):
+        super().__init__()
+        self.model, self.shift, self.n = model, shift, n
+
+    def forward(self, x):
+        size = x.shape[2:]
+        ks = [max(1, round(self.shift * s)) for s in size]
+        g = torch.Generator().manual_seed(0)
+        moves = [torch.zeros(len(ks))] + [torch.tensor([float(torch.randint(-k, k + 1, (), generator=g))
+                                                         for k in ks]) for _ in range(self.n - 1)]
+        probs = 0
+        for m in moves:
+            draws = torch.cat([m, torch.ones(1)]).expand(len(x), -1)  # one translation for the batch, gain 1
+            probs = probs + torch.softmax(self.model(data.augment(x, draws)).float(), -1)
+        return (probs / len(moves)).log()
+
+
 def test_best(model, task, args, run, device):
     """Reload the tested checkpoint (ckpt.pt: best on validation, or the last epoch with --select last) and score it
-    on the test split."""
+    on the validation and test splits (through TranslationTTA with --tta > 1)."""
     ctx, _ = autocast_context(device, args.dtype)
     ckpt = run.dir / "ckpt.pt"
     if ckpt.exists():
         model.load_state_dict(load_checkpoint(ckpt, "checkpoint", device)["model"])
+    if getattr(args, "tta", 0) > 1:
+        if task.kind != "classification":
+            raise UserError(f"--tta averages class probabilities; task {task.name} is {task.kind}: use --tta 0")
+        model = TranslationTTA(model, args.augment_shift, args.tta)
     val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)["score"] if len(task.val) else None
     test = evaluate(model, task, task.test, args.eval_batch_size, device, ctx)
     return {"metric": task.metric, "test_score": test["score"], "val_score": val, "test_loss": test["loss"]}

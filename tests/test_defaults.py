@@ -3,6 +3,7 @@ fine-tuning modes (full / norms / lora), input standardisation and checkpoint se
 
     python -m pytest tests/test_defaults.py -q
 """
+import itertools
 import json
 
 import numpy as np
@@ -169,6 +170,49 @@ def test_augmentation_only_at_two_samples_a_class(tmp_path):
     assert common.auto_defaults(many)["augment_shift"] == 0 and common.auto_defaults(dense)["augment_shift"] == 0
     assert common.auto_defaults(data.get_task("pigcvp"))["augment_shift"] == 0.1
     assert common.auto_defaults(data.get_task("gunpoint"))["augment_shift"] == 0
+
+
+def test_tta_averages_over_fixed_translations_in_the_training_range():
+    """TranslationTTA feeds the input itself and n-1 translations of it by at most round(shift x size) per axis
+    (the same for every call), and returns the log of the mean of the class probabilities."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x.flatten(1)[:, :3] * 5
+
+    for x in (torch.randn(4, 2, 40), torch.randn(3, 1, 20, 30)):
+        seen.clear()
+        out = common.TranslationTTA(Spy(), 0.1, 9)(x)
+        assert len(seen) == 9 and torch.equal(seen[0], x)
+        ks = [round(0.1 * s) for s in x.shape[2:]]
+        moves = set()
+        for y in seen:  # each copy is x translated by one whole move for the whole batch, within [-k, k] per axis
+            match = [m for m in itertools.product(*[range(-k, k + 1) for k in ks])
+                     if torch.equal(y, data.augment(x, torch.tensor([[*m, 1.0]] * len(x))))]
+            assert match
+            moves.add(match[0])
+        assert len(moves) >= 4  # not the identity nine times
+        want = torch.stack([torch.softmax(y.flatten(1)[:, :3] * 5, -1) for y in seen]).mean(0).log()
+        assert torch.allclose(out, want, atol=1e-6)
+        first = list(seen)
+        seen.clear()
+        common.TranslationTTA(Spy(), 0.1, 9)(x)
+        assert all(torch.equal(a, b) for a, b in zip(first, seen))  # fixed: the same moves every call
+    one = common.TranslationTTA(Spy(), 0.1, 1)(x)
+    assert torch.allclose(one, torch.log_softmax(x.flatten(1)[:, :3] * 5, -1), atol=1e-6)
+
+
+def test_tta_default_follows_the_augmentation_and_needs_a_shift(tmp_path, run):
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    few = data.make_task("few", "classification", "ce", "error", z(8, 1, 50), np.arange(8) % 4, z(4, 1, 50),
+                         np.arange(4) % 4)
+    assert common.auto_defaults(few)["tta"] == common.AUTO_TTA == 9
+    assert common.auto_defaults(data.get_task("gunpoint"))["tta"] == 0
+    assert common.auto_defaults(data.get_task("pigcvp"))["tta"] == 9
+    proc, _ = run("finetune.py", "--task", "gunpoint", "--body", "tiny", "--tta", "9", check=False)
+    assert proc.returncode != 0 and "--augment_shift" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_of_a_run_older_than_the_augmentation_flags(tmp_path):
