@@ -28,7 +28,8 @@ import distributed
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 from official_data import write_atomic
 from models import (Body, CrossModalModel, DenseHead1D, DenseHead2D, Embedder1D, Embedder2D,  # noqa: F401
-                    InputNorm, PooledHead, build_body, build_model, in_float32, patch_stride, stack_num)  # re-exported
+                    InputNorm, PooledHead, TranslationTTA, build_body, build_model, in_float32, patch_stride,
+                    stack_num)  # re-exported
 from metrics import (SUMMED_LOSSES, compute_loss, compute_metric, evaluate, mae8, predict,  # noqa: F401
                      task_loss)  # re-exported: losses and metrics live in metrics.py
 
@@ -84,10 +85,9 @@ def add_common_args(parser):
                         "(per-sample labels only; 0 = off)")
     g.add_argument("--augment_scale", type=float, default=None,
                    help="std of a random gain 1 + N(0, s) on each training input (0 = off)")
-    g.add_argument("--tta", type=int, default=None,
-                   help="test-time augmentation: the tested checkpoint's class probabilities are averaged over the "
-                        "input and N-1 fixed translations within --augment_shift (0 = off; default: 9 where the "
-                        "training inputs are translated, else 0)")
+    g.add_argument("--tta", type=int, default=None, help="test-time augmentation: class probabilities averaged over "
+                   "the input and N-1 fixed translations within --augment_shift (0 = off; default: 9 on offline and "
+                   "custom tasks whose training inputs are translated, else 0)")
     g.add_argument("--select", default=None, choices=["best", "last"],
                    help="checkpoint tested: best on validation | last epoch (default: best, or last when the "
                         "validation split has fewer than 50 samples and cannot rank epochs)")
@@ -124,8 +124,7 @@ def auto_defaults(task, body="minilm", step_budget=None):
     - inputs standardised per channel with training statistics; the checkpoint tested is the best on validation
       only when the validation split can rank epochs (>= 50 samples), else the last;
     - a classification set with at most 2 training samples a class trains on randomly translated inputs (up to 10 %
-      of the length / side), and its tested model averages its predictions over 9 translations (--tta 9); larger
-      sets do neither, where it costs more than it brings."""
+      of the length / side) and is tested on 9 translations (--tta 9); larger sets do neither (it costs more there)."""
     n = len(task.train)
     C, *size = task.in_shape
     if len(size) == 1:
@@ -146,34 +145,20 @@ def auto_defaults(task, body="minilm", step_budget=None):
                 tta=AUTO_TTA if few else 0, select="best" if len(task.val) >= 50 else "last")
 
 
-# development suite, seed 0 (bench.py suite; docs/finetune.md): 300 steps; norms at 1e-3 as fast as full
-# fine-tuning at 1e-4 (GunPoint 0.30 vs 0.29) at half the step time; a random patch bias 0.12 (0.1) vs 0.30 (0);
-# embedder and head at 3x the body's rate: digits 0.095 (1x: 0.180, 10x: 0.061), Coffee 0.071 (1x: 0.036, 10x: 0.536,
-# no learning at all), PigCVP 0.731 (1x: 0.692, 10x: 0.803): 10x is best where it works and fails on Coffee
+# development suite (bench.py suite): norms at 1e-3 as fast as full fine-tuning at 1e-4 at half the step time; the new
+# modules at 3x: the rate that helps where it helps and never breaks a set (docs/finetune.md's defaults table)
 AUTO_STEPS, AUTO_LR, AUTO_NEW_LR_MULT, AUTO_FINETUNE, AUTO_BIAS_STD = 300, 1e-3, 3.0, "norms", 0.1
-# at least 16 values per token (plain fine-tuning, seeds 0-2, test error at 4 / 8 / 16 values per token): digits
-# (2D, 2x2 / 4x4 patches) 0.089 -> 0.041; GunPoint 8 / 15 / 30 values 0.213 / 0.156 / 0.178; Coffee 9 / 16 / 29
-# 0.060 / 0.083 / 0.000; PigCVP and BasicMotions already had more (80, 24) and lose when the tokens are fewer
+# at least 16 values per token: digits 0.089 (4 a token) -> 0.041, Coffee 0.060 (9) -> 0.083 (16) -> 0.000 (29); PigCVP
+# and BasicMotions already had more and lose when the tokens are fewer (the tokens row of docs/finetune.md)
 AUTO_TOKEN_VALUES = 16
-# at most 64 tokens for a series, 32 for an image. The cap binds on long series (PigCVP, length 2000: 25 tokens of 80
-# samples -> 50 of 40, by the embedder's divisor rule), on many-channel ones (BasicMotions, 6 x 100: 25 tokens of 4
-# samples -> 34 of 3) and on larger images (Fashion-MNIST 28x28: 25 tokens of 6x6 pixels). Plain fine-tuning, seeds
-# 0-2: PigCVP 0.694 -> 0.659 on the CPU (0.737 -> 0.675 on a GPU in float32); Fashion-MNIST at 49 tokens 0.246 ->
-# 0.240 (GPU), within its spread at twice the step time, so images keep 32
+# at most 64 tokens for a series, 32 for an image: the cap binds on PigCVP, BasicMotions and Fashion-MNIST (the
+# measurements: the tokens row of docs/finetune.md's defaults table)
 AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 64, 32
-# at least 20 epochs (up to 1000 steps): 300 steps are 8 epochs of digits and 10 of Fashion-MNIST (small); plain
-# fine-tuning at 20 epochs, seeds 0 / 1: digits 0.043 / 0.032 -> 0.028 / 0.032, Fashion 0.298 / 0.252 -> 0.229 / 0.249.
-# More steps on the small sets (43-75 epochs at 300) are mixed, so they keep 300: 1000 steps, seeds 0-2, Coffee
-# 0.083 -> 0.024 and GunPoint 0.156 -> 0.120 (but 600 steps: 0.198), PigCVP 0.694 -> 0.745, ORCA on GunPoint
-# 0.131 -> 0.144, PaRe on GunPoint seeds 0 / 1 0.147 / 0.113 -> 0.153 / 0.207
+# at least 20 epochs (up to 1000 steps): digits and Fashion-MNIST gain; more steps on the small sets are mixed, so
+# they keep 300 (the length row of docs/finetune.md's defaults table)
 AUTO_MIN_EPOCHS, AUTO_MAX_STEPS = 20, 1000
-# random translations (--augment_shift 0.1) only at 1-2 training samples a class (docs/finetune.md "Augmentation").
-# Plain fine-tuning, mean test error without -> with: PigCVP (2 a class; GPU, seeds 0-2) 0.675 -> 0.460; on the other
-# suite sets whole (14-113 a class) it hurts: GunPoint 0.149 -> 0.242, Coffee 0.036 -> 0.429, digits 0.033 -> 0.099,
-# Fashion-MNIST 0.265 -> 0.291. Cut to m a class (CPU, seeds 0-1), m = 2 / 4 / 8: GunPoint 0.447 -> 0.263 / 0.300 ->
-# 0.287 / 0.300 -> 0.230, digits 0.467 -> 0.369 / 0.273 -> 0.316 / 0.151 -> 0.250, Coffee 0.268 -> 0.500 / 0.214 ->
-# 0.304 / 0.107 -> 0.286, Fashion-MNIST 0.565 -> 0.597 / 0.589 -> 0.524 / 0.407 -> 0.448: a net gain at 2 a class
-# only (3 of 5 sets, by 0.10-0.22; Coffee's spectra, where a position is a wavelength, lose 0.23)
+# random translations (--augment_shift 0.1) only at 1-2 training samples a class: PigCVP 0.675 -> 0.460; the whole
+# sets (14-113 a class) all lose, and cut to 2 a class 3 of 5 sets gain (docs/finetune.md "Augmentation")
 AUTO_AUGMENT_SHIFT, AUTO_AUGMENT_BELOW = 0.1, 3
 # where the training inputs are translated, the tested model averages its class probabilities over the input and 8
 # fixed translations in the same range (--tta 9; docs/finetune.md "Test-time augmentation")
@@ -201,6 +186,8 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
             budget = args.epochs * math.ceil(len(task.train) / (args.batch_size or auto_defaults(task)["batch_size"]))
         chosen = {k: v for k, v in auto_defaults(task, args.body, budget).items() if getattr(args, k, None) is None}
         vars(args).update(chosen)
+        if "tta" in chosen:  # the test-time translations follow the training ones, also when --augment_shift is given
+            args.tta = chosen["tta"] = AUTO_TTA if args.augment_shift > 0 else 0
         if method_auto:  # the method's own stage lengths, sized from the now complete args
             own = {k: v for k, v in method_auto(args, task).items() if getattr(args, k, None) is None}
             vars(args).update(own)
@@ -740,30 +727,6 @@ def _cpu_state(model, epoch, val_score):
     """A copy of the weights that later steps do not change (kept in memory until it is written)."""
     return {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, "epoch": epoch,
             "val_score": val_score}
-
-
-class TranslationTTA(torch.nn.Module):
-    """Test-time augmentation matched to --augment_shift: log of the class probabilities averaged over the input
-    and n-1 translations drawn once (fixed generator, the same for every sample and run) from the training
-    translations' range, so the tested model predicts the mean over the inputs it was trained to treat alike
-    (the test-time counterpart of training-time augmentation; Krizhevsky et al. 2012, Shanmugam et al. 2021).
-    Returned as log-probabilities: cross-entropy on them is the loss of the averaged prediction."""
-
-    def __init__(self, model, shift, n):
-        super().__init__()
-        self.model, self.shift, self.n = model, shift, n
-
-    def forward(self, x):
-        size = x.shape[2:]
-        ks = [max(1, round(self.shift * s)) for s in size]
-        g = torch.Generator().manual_seed(0)
-        moves = [torch.zeros(len(ks))] + [torch.tensor([float(torch.randint(-k, k + 1, (), generator=g))
-                                                         for k in ks]) for _ in range(self.n - 1)]
-        probs = 0
-        for m in moves:
-            draws = torch.cat([m, torch.ones(1)]).expand(len(x), -1)  # one translation for the batch, gain 1
-            probs = probs + torch.softmax(self.model(data.augment(x, draws)).float(), -1)
-        return (probs / len(moves)).log()
 
 
 def test_best(model, task, args, run, device):

@@ -436,3 +436,27 @@ def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, b
     else:
         head = PooledHead(body.out_dim, task.num_outputs)
     return CrossModalModel(embedder, body, head)
+
+
+class TranslationTTA(nn.Module):
+    """Test-time augmentation matched to --augment_shift: log of the class probabilities averaged over the input
+    and n-1 translations drawn once (fixed generator, the same for every sample and run) from the training
+    translations' range, so the tested model predicts the mean over the inputs it was trained to treat alike
+    (the test-time counterpart of training-time augmentation; Krizhevsky et al. 2012, Shanmugam et al. 2021).
+    Returned as log-probabilities: cross-entropy on them is the loss of the averaged prediction."""
+
+    def __init__(self, model, shift, n):
+        super().__init__()
+        self.model, self.shift, self.n = model, shift, n
+
+    def forward(self, x):
+        size = x.shape[2:]
+        ks = [max(1, round(self.shift * s)) for s in size]
+        g = torch.Generator().manual_seed(0)
+        moves = [torch.zeros(len(ks))] + [torch.tensor([float(torch.randint(-k, k + 1, (), generator=g))
+                                                         for k in ks]) for _ in range(self.n - 1)]
+        probs = 0
+        for m in moves:
+            draws = torch.cat([m, torch.ones(1)]).expand(len(x), -1)  # one translation for the batch, gain 1
+            probs = probs + torch.softmax(self.model(data.augment(x, draws)).float(), -1)
+        return (probs / len(moves)).log()

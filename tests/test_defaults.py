@@ -213,6 +213,12 @@ def test_tta_default_follows_the_augmentation_and_needs_a_shift(tmp_path, run):
     assert common.auto_defaults(data.get_task("pigcvp"))["tta"] == 9
     proc, _ = run("finetune.py", "--task", "gunpoint", "--body", "tiny", "--tta", "9", check=False)
     assert proc.returncode != 0 and "--augment_shift" in proc.stderr and "Traceback" not in proc.stderr
+    # the default follows the translations the run trains with, given or chosen
+    import argparse
+    parser = common.add_common_args(argparse.ArgumentParser())
+    assert common.parse_args(parser, ["--task", "pigcvp", "--augment_shift", "0"]).tta == 0  # not refused
+    assert common.parse_args(parser, ["--task", "gunpoint", "--augment_shift", "0.05"]).tta == 9
+    assert common.parse_args(parser, ["--task", "pigcvp", "--tta", "5"]).tta == 5  # an explicit flag wins
 
 
 def test_resume_of_a_run_older_than_the_augmentation_flags(tmp_path):
