@@ -196,10 +196,7 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
             chosen[k] = v
-    refuse_dense_augment(data.TASKS[args.task]["kind"], args.task, args.augment_shift, args.augment_scale)
-    if args.tta > 1 and not args.augment_shift > 0:
-        raise UserError(f"--tta {args.tta} averages over translations within --augment_shift, which is 0; set "
-                        f"--augment_shift (e.g. 0.1) or --tta 0")
+    refuse_bad_augment(data.TASKS[args.task]["kind"], args.task, args.augment_shift, args.augment_scale, args.tta)
     if args.decay_epochs < 0:
         args.decay_epochs = args.epochs
     if args.ckpt_every is None:
@@ -211,12 +208,17 @@ def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
     return args
 
 
-def refuse_dense_augment(kind, name, shift, scale):
-    """Augmentation moves the inputs, not the targets: a dense task (targets laid out like the inputs) refuses it,
-    before any stage runs where the kind is known from the task table."""
+def refuse_bad_augment(kind, name, shift, scale, tta=0):
+    """Augmentation moves the inputs, not the targets (a dense task refuses it); --tta averages class probabilities
+    over the training translations. Checked where the kind is known: the task table, else when fit starts (custom)."""
     if kind == "dense" and (shift > 0 or scale > 0):
         raise UserError(f"--augment_shift / --augment_scale move or scale the inputs of a dense task ({name}) "
                         f"without its targets; set both to 0")
+    if tta > 1 and not shift > 0:
+        raise UserError(f"--tta {tta} averages over translations within --augment_shift, which is 0; set "
+                        f"--augment_shift (e.g. 0.1) or --tta 0")
+    if tta > 1 and kind not in (None, "classification"):
+        raise UserError(f"--tta averages class probabilities; task {name} is {kind}: use --tta 0")
 
 
 # flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
@@ -625,7 +627,7 @@ def fit(model, task, args, run, device, compute=None, params=None, stage="finetu
     select = getattr(args, "select", "best") or "best"
     every = getattr(args, "ckpt_every", 1) or 1
     shift, scale = getattr(args, "augment_shift", 0) or 0, getattr(args, "augment_scale", 0) or 0
-    refuse_dense_augment(task.kind, task.name, shift, scale)  # custom .npz: the kind is known only now
+    refuse_bad_augment(task.kind, task.name, shift, scale, getattr(args, "tta", 0))  # custom .npz: kind known now
     seed_everything(args.seed + 1)  # fine-tuning randomness must not depend on whether stage 1 ran (resume)
     start_epoch, step, best, best_state = 0, 0, math.inf, None
     last = run.dir / "last.pt"
@@ -736,9 +738,7 @@ def test_best(model, task, args, run, device):
     ckpt = run.dir / "ckpt.pt"
     if ckpt.exists():
         model.load_state_dict(load_checkpoint(ckpt, "checkpoint", device)["model"])
-    if getattr(args, "tta", 0) > 1:
-        if task.kind != "classification":
-            raise UserError(f"--tta averages class probabilities; task {task.name} is {task.kind}: use --tta 0")
+    if getattr(args, "tta", 0) > 1:  # refuse_bad_augment checked it before training
         model = TranslationTTA(model, args.augment_shift, args.tta)
     val = evaluate(model, task, task.val, args.eval_batch_size, device, ctx)["score"] if len(task.val) else None
     test = evaluate(model, task, task.test, args.eval_batch_size, device, ctx)

@@ -213,6 +213,10 @@ def test_tta_default_follows_the_augmentation_and_needs_a_shift(tmp_path, run):
     assert common.auto_defaults(data.get_task("pigcvp"))["tta"] == 9
     proc, _ = run("finetune.py", "--task", "gunpoint", "--body", "tiny", "--tta", "9", check=False)
     assert proc.returncode != 0 and "--augment_shift" in proc.stderr and "Traceback" not in proc.stderr
+    # a task whose outputs are not class probabilities: refused at parse time, before any training step
+    proc, _ = run("finetune.py", "--task", "synthetic_multilabel", "--augment_shift", "0.1", "--tta", "9", check=False)
+    assert proc.returncode != 0 and "class probabilities" in proc.stderr and "Traceback" not in proc.stderr
+    assert "step" not in proc.stdout
     # the default follows the translations the run trains with, given or chosen
     import argparse
     parser = common.add_common_args(argparse.ArgumentParser())
