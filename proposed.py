@@ -519,10 +519,12 @@ if __name__ == "__main__":
         # METHOD (001 slide 37): perturbation forwarding of the best weights, noise scaled by train feature stats
         d_stats = channel_stats([train_features(model, task, args, device)[0]], -1) if args.standardize else None
         wrapped = PerturbedForward(model, args.perturb_sigma, args.perturb_samples, d_stats, args.seed)
+        if args.tta > 1:  # and averaged over the same translations as the normal score (--tta), so the two compare
+            wrapped = common.TranslationTTA(wrapped, args.augment_shift, args.tta)
         ctx, _ = common.autocast_context(device, args.dtype)
         # its noise is drawn per batch: every rank predicts the whole split in the same batches (not sharded)
         val, test = (common.evaluate(wrapped, task, split, args.eval_batch_size, device, ctx, shard=False)
                      for split in (task.val, task.test))
         results.update(val_score=val["score"], test_score=test["score"], test_loss=test["loss"],
-                       normal_test_score=results["test_score"])
+                       normal_test_score=results["test_score"], normal_test_loss=results["test_loss"])
     run.finish(results | info)

@@ -185,6 +185,16 @@ def test_smoke_version_000_and_resume(run, tmp_path):
     assert "stage 1 skipped" in proc.stdout and again["test_score"] == final["test_score"]
 
 
+def test_perturbation_forwarding_takes_the_same_test_time_translations(run, tmp_path):
+    """--predict perturb with --tta: the perturbed score is averaged over the same translations as the normal one, so
+    at sigma 0 (perturbation forwarding = normal forwarding) the two losses agree; without the averaging they differ."""
+    flags = [*TINY, "--version", "001", "--predict", "perturb", "--perturb_sigma", "0", "--augment_shift", "0.2"]
+    _, final = run("proposed.py", *flags, "--tta", "5")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tta"] == 5
+    assert math.isclose(final["test_loss"], final["normal_test_loss"], rel_tol=1e-5)
+    assert final["test_score"] == final["normal_test_score"]
+
+
 def test_smoke_version_001_starts_a_kept_embedder_from_init_embedder(run, tmp_path):
     flags = [*TINY, "--version", "001", "--train_embedder", "linear", "--predict", "perturb"]
     # the tiny body, like a text body, has no pretrained patch embedding: keeping its random embedder is refused
