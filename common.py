@@ -39,8 +39,8 @@ from metrics import (SUMMED_LOSSES, compute_loss, compute_metric, evaluate, mae8
 # take the official config of data.TASKS and these fixed values for anything it leaves open; offline real tasks and
 # --task custom get data-aware values from `auto_defaults` (an explicit flag always wins).
 FIXED_DEFAULTS = dict(target_seq_len=512, epochs=20, batch_size=16, lr=1e-4, warmup_epochs=1, finetune="full",
-                      input_norm="none", embed_bias_std=0.0, new_lr_mult=1.0, select="best", augment_shift=0.0,
-                      augment_scale=0.0, tta=0)
+                      input_norm="none", embed_bias_std=0.0, kernel_mult=1, new_lr_mult=1.0, select="best",
+                      augment_shift=0.0, augment_scale=0.0, tta=0)
 
 
 def add_common_args(parser):
@@ -60,6 +60,8 @@ def add_common_args(parser):
     g.add_argument("--embed_bias_std", type=float, default=None,
                    help="std of the random initial bias of the embedder's patch conv (0 = ORCA's zero init, with "
                         "which the LayerNorm after the patches discards each token's level and amplitude)")
+    g.add_argument("--kernel_mult", type=int, default=None, help="each token's patch spans this many strides, "
+                   "overlapping its neighbours (PatchTST); the token count is unchanged (1 = ORCA's patches)")
     g.add_argument("--finetune", default=None, choices=["full", "norms", "lora"],
                    help="what the fine-tuning stage trains in the body: everything (official) | its LayerNorms only "
                         "| LoRA adapters (peft) + LayerNorms; the embedder and head always train")
@@ -112,10 +114,10 @@ def add_common_args(parser):
 def auto_defaults(task, body="minilm", step_budget=None):
     """Data-aware defaults for offline real tasks and --task custom, chosen on the development suite
     (`python bench.py suite`) and nowhere else:
-    - tokens: patches of at least 16 input values (channels x length, channels x pixels: a token of a few values
+    - tokens: strides of at least 16 input values (channels x length, channels x pixels: a token of a few values
       keeps little more than their signs through the embedder's LayerNorm) and at most 64 tokens for a series, 32
-      for an image, a CPU-friendly budget; the patch conv's bias starts random (Embedder1D: the LayerNorm then keeps
-      each token's level);
+      for an image; each patch spans 2 strides (--kernel_mult 2: overlapping patches); the patch conv's bias starts
+      random (Embedder1D: the LayerNorm then keeps each token's level);
     - batch: the power of two nearest N / 8, between 8 and 32, so that a small set still gets several steps an epoch;
     - length: 300 optimiser steps (a small set gets many epochs), but at least 20 epochs up to 1000 steps (a
       larger set gets enough passes), warm-up 10 % of it;
@@ -141,28 +143,23 @@ def auto_defaults(task, body="minilm", step_budget=None):
     few = task.kind == "classification" and n / task.num_outputs < AUTO_AUGMENT_BELOW
     return dict(target_seq_len=tokens, batch_size=batch, epochs=epochs, warmup_epochs=round(0.1 * epochs, 3),
                 lr=AUTO_LR, new_lr_mult=AUTO_NEW_LR_MULT, finetune=AUTO_FINETUNE, input_norm="channel",
-                embed_bias_std=AUTO_BIAS_STD, augment_shift=AUTO_AUGMENT_SHIFT if few else 0.0, augment_scale=0.0,
-                tta=AUTO_TTA if few else 0, select="best" if len(task.val) >= 50 else "last")
+                embed_bias_std=AUTO_BIAS_STD, kernel_mult=AUTO_KERNEL_MULT,
+                augment_shift=AUTO_AUGMENT_SHIFT if few else 0.0, augment_scale=0.0, tta=AUTO_TTA if few else 0,
+                select="best" if len(task.val) >= 50 else "last")
 
 
-# development suite (bench.py suite): norms at 1e-3 as fast as full fine-tuning at 1e-4 at half the step time; the new
-# modules at 3x: the rate that helps where it helps and never breaks a set (docs/finetune.md's defaults table)
+# chosen on the development suite (bench.py suite); the measurements behind each: docs/finetune.md's defaults table.
+# norms at 1e-3 train as fast as full fine-tuning at 1e-4 at half the step time; the new modules at 3x help where
+# they help and never break a set
 AUTO_STEPS, AUTO_LR, AUTO_NEW_LR_MULT, AUTO_FINETUNE, AUTO_BIAS_STD = 300, 1e-3, 3.0, "norms", 0.1
-# at least 16 values per token: digits 0.089 (4 a token) -> 0.041, Coffee 0.060 (9) -> 0.083 (16) -> 0.000 (29); PigCVP
-# and BasicMotions already had more and lose when the tokens are fewer (the tokens row of docs/finetune.md)
-AUTO_TOKEN_VALUES = 16
-# at most 64 tokens for a series, 32 for an image: the cap binds on PigCVP, BasicMotions and Fashion-MNIST (the
-# measurements: the tokens row of docs/finetune.md's defaults table)
-AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 64, 32
-# at least 20 epochs (up to 1000 steps): digits and Fashion-MNIST gain; more steps on the small sets are mixed, so
-# they keep 300 (the length row of docs/finetune.md's defaults table)
+# >= 16 values a token (fewer keep little more than their signs); each patch 2 strides wide, overlapping half of each
+# neighbour (PatchTST) at the same token count; <= 64 tokens a series, 32 an image (a CPU-friendly budget)
+AUTO_TOKEN_VALUES, AUTO_KERNEL_MULT, AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 16, 2, 64, 32
+# >= 20 epochs up to 1000 steps: digits and Fashion-MNIST gain; the small sets keep 300 steps
 AUTO_MIN_EPOCHS, AUTO_MAX_STEPS = 20, 1000
-# random translations (--augment_shift 0.1) only at 1-2 training samples a class: PigCVP 0.675 -> 0.460; the whole
-# sets (14-113 a class) all lose, and cut to 2 a class 3 of 5 sets gain (docs/finetune.md "Augmentation")
-AUTO_AUGMENT_SHIFT, AUTO_AUGMENT_BELOW = 0.1, 3
-# where the training inputs are translated, the tested model averages its class probabilities over the input and 8
-# fixed translations in the same range (--tta 9; docs/finetune.md "Test-time augmentation")
-AUTO_TTA = 9
+# translations (--augment_shift 0.1) only at 1-2 training samples a class, and then the tested model averages over
+# 9 of them (--tta 9): docs/finetune.md "Augmentation" and "Test-time augmentation"
+AUTO_AUGMENT_SHIFT, AUTO_AUGMENT_BELOW, AUTO_TTA = 0.1, 3, 9
 
 
 def parse_args(parser, argv=None, method_defaults=None, method_auto=None):
@@ -223,7 +220,7 @@ def refuse_bad_augment(kind, name, shift, scale, tta=0):
 
 # flags that must be > 0, >= 0, or -1 (off) / > 0; a value of None is a per-task default, filled in later
 POSITIVE = ("batch_size", "accum", "epochs", "steps", "target_seq_len", "eval_batch_size", "log_interval",
-            "ckpt_every", "lora_rank", "lr", "new_lr_mult",
+            "ckpt_every", "lora_rank", "lr", "new_lr_mult", "kernel_mult",
             "align_lr", "contrastive_lr")  # orca.py's and proposed.py's own learning rates
 NON_NEGATIVE = ("seed", "weight_decay", "momentum", "warmup_epochs", "clip", "embed_bias_std", "augment_shift",
                 "augment_scale", "tta")
@@ -294,7 +291,10 @@ def model_for(task, args):
     """build_model with the command line's choices (--body --pretrained --target_seq_len --input_norm
     --embed_bias_std)."""
     model = build_model(task, args.body, args.pretrained, args.target_seq_len, input_norm=args.input_norm,
-                        bias_std=args.embed_bias_std)
+                        bias_std=args.embed_bias_std, kernel_mult=getattr(args, "kernel_mult", 1))
+    if getattr(args, "kernel_mult", 1) > 1 and getattr(model.embedder, "resize", False) \
+            and "kernel_mult" not in getattr(args, "auto_flags", ()):  # given explicitly, not chosen from the data
+        print(f"warning: --kernel_mult is ignored with --body {args.body}: it keeps its pretrained patch kernel")
     table = model.body.position_table
     if table is not None and getattr(model.embedder, "num_tokens", 0) > len(table):
         print(f"warning: {model.embedder.num_tokens} tokens (--target_seq_len {args.target_seq_len}) are more than the "

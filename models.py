@@ -261,15 +261,22 @@ class Embedder1D(nn.Module):
     bias_std: ORCA initialises the conv bias at zero; then the LayerNorm of a token, LN(W x), is the same for x and
     for any positive multiple of x, so each token keeps only the shape of its patch, not its level or amplitude (on
     digits, a 1-pixel token keeps only its sign). A random bias b ~ N(0, bias_std^2) makes LN(W x + b) move with the
-    amplitude of x."""
+    amplitude of x.
 
-    def __init__(self, in_channels, length, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0):
+    kernel_mult K: each token's patch spans K strides, centred on its own stride (zero-padded by (K - 1) s in all,
+    split left / right), so neighbouring patches overlap and the token count stays ceil(L_in / s): PatchTST's
+    overlapping patches (Nie et al., ICLR 2023: patch 16, stride 8). K = 1 is ORCA's non-overlapping conv."""
+
+    def __init__(self, in_channels, length, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0,
+                 kernel_mult=1):
         super().__init__()
         self.input_norm = InputNorm(in_channels, 1, input_norm)
         self.stride = patch_stride(length, target_seq_len)
         self.num_tokens = math.ceil(length / self.stride)
-        self.pad = self.num_tokens * self.stride - length
-        self.conv = nn.Conv1d(in_channels, dim, self.stride, self.stride)
+        self.pad = self.num_tokens * self.stride - length  # right, to a multiple of the stride
+        extra = (kernel_mult - 1) * self.stride
+        self.lpad, self.rpad = extra // 2, self.pad + extra - extra // 2
+        self.conv = nn.Conv1d(in_channels, dim, kernel_mult * self.stride, self.stride)
         nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))  # ORCA utils.conv_init
         nn.init.normal_(self.conv.bias, std=bias_std)  # std 0 = ORCA's zero bias
         self.norm = nn.LayerNorm(dim)
@@ -283,8 +290,8 @@ class Embedder1D(nn.Module):
 
     def forward(self, x):
         x = self.input_norm(x)
-        if self.pad:
-            x = F.pad(x, (0, self.pad))
+        if self.lpad or self.rpad:
+            x = F.pad(x, (self.lpad, self.rpad))
         x = self.conv(x).transpose(1, 2)  # (B, L, D)
         return self.norm(x) + self.pos
 
@@ -295,9 +302,11 @@ class Embedder2D(nn.Module):
     Vision bodies (Swin): resize to the body's image size (224) and copy its pretrained 4x4 patch kernel, tiled
     over input channels (ORCA utils.embedder_init). Text bodies: the smallest patch giving <= target_seq_len
     tokens, the image zero-padded on the bottom / right to a multiple of it, and learned positions started from the
-    body's table. The input is standardised first (InputNorm)."""
+    body's table. The input is standardised first (InputNorm). kernel_mult: overlapping patches as in Embedder1D,
+    on each axis (text bodies only: a vision body keeps its pretrained patch kernel)."""
 
-    def __init__(self, in_channels, image_hw, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0):
+    def __init__(self, in_channels, image_hw, dim, target_seq_len, body=None, input_norm="none", bias_std=0.0,
+                 kernel_mult=1):
         super().__init__()
         self.input_norm = InputNorm(in_channels, 2, input_norm)
         H, W = image_hw
@@ -309,7 +318,8 @@ class Embedder2D(nn.Module):
             self.size = (math.ceil(H / patch) * patch, math.ceil(W / patch) * patch)
         self.grid = (self.size[0] // patch, self.size[1] // patch)
         self.num_tokens = self.grid[0] * self.grid[1]
-        self.conv = nn.Conv2d(in_channels, dim, patch, patch)
+        self.extra = 0 if self.resize else (kernel_mult - 1) * patch  # padding for the overlap, split as in 1D
+        self.conv = nn.Conv2d(in_channels, dim, patch + self.extra, patch)
         nn.init.xavier_uniform_(self.conv.weight, gain=math.sqrt(2.0))
         nn.init.normal_(self.conv.bias, std=bias_std)  # see Embedder1D; a pretrained patch conv keeps its own
         self.norm = nn.LayerNorm(dim)
@@ -336,6 +346,9 @@ class Embedder2D(nn.Module):
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
             else:
                 x = F.pad(x, (0, self.size[1] - x.shape[-1], 0, self.size[0] - x.shape[-2]))
+        if self.extra:
+            e = self.extra
+            x = F.pad(x, (e // 2, e - e // 2, e // 2, e - e // 2))
         x = self.conv(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
         x = self.norm(x)
         return x if self.pos is None else x + self.pos
@@ -410,19 +423,21 @@ class CrossModalModel(nn.Module):
 
 
 def build_model(task, body_name="minilm", pretrained=True, target_seq_len=512, body=None, input_norm="none",
-                bias_std=0.0):
+                bias_std=0.0, kernel_mult=1):
     """The shared substrate for a task: task-specific embedder and head around a (pre)trained body. input_norm
-    'channel' fits the per-channel statistics on (up to 4096) training inputs; bias_std: see Embedder1D."""
+    'channel' fits the per-channel statistics on (up to 4096) training inputs; bias_std, kernel_mult: see
+    Embedder1D."""
     body = body if body is not None else build_body(body_name, pretrained)
     dims = len(task.in_shape) - 1
     if dims == 1:
         if body.kind == "vision":
             raise UserError(f"body '{body_name}' is a vision body and task '{task.name}' is 1D; use a text body "
                             f"(--body minilm or roberta) for 1D tasks")
-        embedder = Embedder1D(task.in_shape[0], task.in_shape[1], body.dim, target_seq_len, body, input_norm, bias_std)
+        embedder = Embedder1D(task.in_shape[0], task.in_shape[1], body.dim, target_seq_len, body, input_norm, bias_std,
+                              kernel_mult)
     else:
         embedder = Embedder2D(task.in_shape[0], task.in_shape[1:], body.dim, target_seq_len, body, input_norm,
-                              bias_std)
+                              bias_std, kernel_mult)
     if input_norm == "channel":
         embedder.input_norm.fit(data.take(task.train, range(min(len(task.train), 4096)))[0])
     if task.kind == "dense":

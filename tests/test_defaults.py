@@ -5,6 +5,7 @@ fine-tuning modes (full / norms / lora), input standardisation and checkpoint se
 """
 import itertools
 import json
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import bench
 import common
 import data
+import models
 
 TINY = common.build_body("tiny")
 
@@ -38,6 +40,41 @@ def test_prime_length_used_to_collapse_and_now_pads():
     # the padding is zeros on the right: the last token sees x[..., 150] and two zeros
     manual = emb.conv(torch.nn.functional.pad(x, (0, 2)))[..., -1]
     assert torch.allclose(emb.conv(torch.cat([x, torch.zeros(2, 1, 2)], -1))[..., -1], manual)
+
+
+@pytest.mark.parametrize("length,budget,k", [(150, 10, 2), (151, 64, 2), (1, 64, 2), (7, 3, 3), (2000, 64, 2)])
+def test_overlapping_patches_keep_the_token_count_and_centre_each_window(length, budget, k):
+    """--kernel_mult K: token t is the conv of the K strides of zero-padded input centred on its own stride
+    [t s - (K-1) s // 2, ...), a direct loop over the windows; the count of tokens and strides is that of K = 1."""
+    torch.manual_seed(0)
+    one = common.Embedder1D(2, length, 64, budget, TINY)
+    emb = common.Embedder1D(2, length, 64, budget, TINY, kernel_mult=k)
+    assert (emb.stride, emb.num_tokens) == (one.stride, one.num_tokens) and emb.conv.kernel_size == (k * emb.stride,)
+    x = torch.randn(3, 2, length)
+    s, left = emb.stride, (k - 1) * emb.stride // 2
+    padded = torch.zeros(3, 2, left + emb.num_tokens * s + (k - 1) * s)
+    padded[..., left:left + length] = x
+    want = torch.stack([torch.einsum("bcl,dcl->bd", padded[..., t * s:t * s + k * s], emb.conv.weight) + emb.conv.bias
+                        for t in range(emb.num_tokens)], 1)
+    assert torch.allclose(emb(x), emb.norm(want) + emb.pos, atol=1e-5)
+    dense = common.DenseHead1D(3, emb.stride, length)  # a dense head still crops back to the input length
+    assert dense(torch.randn(3, emb.num_tokens, 64)).shape == (3, 3, length)
+
+
+@pytest.mark.parametrize("hw,k", [((28, 28), 2), ((8, 8), 2), ((13, 7), 3)])
+def test_overlapping_image_patches(hw, k):
+    torch.manual_seed(0)
+    one = common.Embedder2D(1, hw, 64, 32, TINY)
+    emb = common.Embedder2D(1, hw, 64, 32, TINY, kernel_mult=k)
+    assert (emb.grid, emb.size, emb.num_tokens) == (one.grid, one.size, one.num_tokens)
+    x = torch.randn(2, 1, *hw)
+    p, e = emb.size[0] // emb.grid[0], emb.extra
+    right, bottom = emb.size[1] - hw[1] + e - e // 2, emb.size[0] - hw[0] + e - e // 2
+    padded = torch.nn.functional.pad(x, (e // 2, right, e // 2, bottom))
+    want = torch.stack([torch.einsum("bchw,dchw->bd", padded[..., i * p:i * p + k * p, j * p:j * p + k * p],
+                                     emb.conv.weight) + emb.conv.bias
+                        for i in range(emb.grid[0]) for j in range(emb.grid[1])], 1)
+    assert torch.allclose(emb(x), emb.norm(want) + emb.pos, atol=1e-5)
 
 
 @pytest.mark.parametrize("length,budget,official", [(1000, 64, 20), (1000, 512, 2), (46, 512, 1), (1024, 128, 8),
@@ -261,6 +298,27 @@ def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["input_norm"] == "channel" and config["select"] == "last" and "epochs" in config["auto_flags"]
     assert final["val_score"] is None and final["test_score"] <= 1.0
+    assert config["kernel_mult"] == common.AUTO_KERNEL_MULT == 2 and "kernel_mult" in config["auto_flags"]
+    args = finetune.get_args(["--task", "custom", "--data_path", str(path), "--body", "tiny", "--kernel_mult", "1"])
+    assert args.kernel_mult == 1 and "kernel_mult" not in args.auto_flags
+    assert common.model_for(data.get_task("custom", data_path=path), args).embedder.conv.kernel_size == (16,)
+
+
+def test_kernel_mult_is_ignored_by_a_vision_body_with_a_warning(capsys):
+    """A vision body keeps its pretrained patch kernel: --kernel_mult given on the command line warns, the data-aware
+    default (2) passes silently; a text body gets the wider kernel."""
+    import finetune
+    swin = common.build_body("swin", pretrained=False, embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=56)
+    task = data.get_task("digits")
+    for flags, warned in ([], False), (["--kernel_mult", "3"], True):
+        args = finetune.get_args(["--task", "digits", "--body", "tiny", *flags])
+        args.body = "swin"
+        with unittest.mock.patch.object(models, "build_body", lambda *a, **k: swin):
+            model = common.model_for(task, args)
+        assert model.embedder.conv.kernel_size == (4, 4) and model.embedder.extra == 0  # the Swin patch kernel
+        assert ("--kernel_mult is ignored" in capsys.readouterr().out) == warned
+    text = common.model_for(task, finetune.get_args(["--task", "digits", "--body", "tiny"]))
+    assert text.embedder.conv.kernel_size == (8, 8)  # 4x4 strides, 2 strides wide
 
 
 def test_benchmark_and_synthetic_tasks_keep_fixed_defaults():
@@ -268,6 +326,7 @@ def test_benchmark_and_synthetic_tasks_keep_fixed_defaults():
     args = finetune.get_args(["--task", "synthetic"])
     assert (args.epochs, args.batch_size, args.lr, args.finetune, args.input_norm, args.select) == \
         (2, 16, 1e-3, "full", "none", "best")
+    assert args.kernel_mult == 1  # ORCA's non-overlapping patches, bit-exact
     args = finetune.get_args(["--task", "ecg"])  # the official ECG config; no data needed to parse
     assert (args.epochs, args.batch_size, args.lr, args.target_seq_len, args.optimizer) == (15, 4, 1e-6, 64, "sgd")
 
