@@ -314,7 +314,7 @@ def load_embedder(model, path, script, flag="--embedder_ckpt"):
         model.embedder.load_state_dict(state["embedder"])
     except RuntimeError as e:
         raise UserError(f"embedder in {path} does not fit this model ({str(e).splitlines()[1].strip()}); it must "
-                        f"come from a run with the same --task, --body and --target_seq_len") from None
+                        f"come from a run with the same --task, --body, --target_seq_len and --kernel_mult") from None
     return state
 
 

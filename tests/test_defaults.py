@@ -407,3 +407,13 @@ def test_custom_regression_with_one_target_a_sample_learns_in_the_users_units(tm
                    "--out_dir", tmp_path / "out")
     mean_guess = float(((y[120:] - y[:120].mean()) ** 2).mean())  # about 15,000: the mse of predicting the mean
     assert final["metric"] == "mse" and final["test_score"] < 0.9 * mean_guess  # in the user's units, and learnt
+
+
+def test_an_embedder_of_another_kernel_mult_is_refused_with_one_line(tmp_path):
+    task = data.get_task("synthetic")
+    wide = common.build_model(task, "tiny", target_seq_len=8, kernel_mult=2)
+    torch.save({"embedder": wide.embedder.state_dict()}, tmp_path / "embedder.pt")
+    common.load_embedder(common.build_model(task, "tiny", target_seq_len=8, kernel_mult=2), tmp_path / "embedder.pt",
+                         "orca.py")  # the same patches: loads
+    with pytest.raises(common.UserError, match="same --task, --body, --target_seq_len and --kernel_mult"):
+        common.load_embedder(common.build_model(task, "tiny", target_seq_len=8), tmp_path / "embedder.pt", "orca.py")
