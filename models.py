@@ -341,14 +341,14 @@ class Embedder2D(nn.Module):
 
     def forward(self, x):
         x = self.input_norm(x)
-        if tuple(x.shape[-2:]) != self.size:
-            if self.resize:
+        if self.resize:
+            if tuple(x.shape[-2:]) != self.size:
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-            else:
-                x = F.pad(x, (0, self.size[1] - x.shape[-1], 0, self.size[0] - x.shape[-2]))
-        if self.extra:
+        else:  # one zero-pad: to a multiple of the patch on the bottom / right, plus the overlap split as in 1D
             e = self.extra
-            x = F.pad(x, (e // 2, e - e // 2, e // 2, e - e // 2))
+            pads = (e // 2, self.size[1] - x.shape[-1] + e - e // 2, e // 2, self.size[0] - x.shape[-2] + e - e // 2)
+            if any(pads):
+                x = F.pad(x, pads)
         x = self.conv(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
         x = self.norm(x)
         return x if self.pos is None else x + self.pos
