@@ -116,8 +116,8 @@ def auto_defaults(task, body="minilm", step_budget=None):
     (`python bench.py suite`) and nowhere else:
     - tokens: strides of at least 16 input values (channels x length, channels x pixels: a token of a few values
       keeps little more than their signs through the embedder's LayerNorm) and at most 64 tokens for a series, 32
-      for an image; each patch spans 3 strides of a series, 2 of an image (--kernel_mult: overlapping patches); the
-      patch conv's bias starts random (Embedder1D: the LayerNorm then keeps each token's level);
+      for an image; each patch spans 3 strides (--kernel_mult: overlapping patches), fewer where 3 would be wider than
+      the input's side (digits); the patch conv's bias starts random (Embedder1D: the LayerNorm keeps token levels);
     - batch: the power of two nearest N / 8, between 8 and 32, so that a small set still gets several steps an epoch;
     - length: 300 optimiser steps (a small set gets many epochs), but at least 20 epochs up to 1000 steps (a
       larger set gets enough passes), warm-up 10 % of it;
@@ -133,9 +133,9 @@ def auto_defaults(task, body="minilm", step_budget=None):
         stride = max(math.ceil(size[0] / AUTO_MAX_TOKENS_1D), math.ceil(AUTO_TOKEN_VALUES / C))
         tokens = math.ceil(size[0] / stride)
     else:
-        patch = next(p for p in range(max(2, math.ceil(math.sqrt(AUTO_TOKEN_VALUES / C))), max(size) + 2)
-                     if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= AUTO_MAX_TOKENS_2D)
-        tokens = math.ceil(size[0] / patch) * math.ceil(size[1] / patch)
+        stride = next(p for p in range(max(2, math.ceil(math.sqrt(AUTO_TOKEN_VALUES / C))), max(size) + 2)
+                      if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= AUTO_MAX_TOKENS_2D)  # square patches
+        tokens = math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
     batch = int(min(32, max(8, 2 ** round(math.log2(max(1, n / 8))))))
     steps_per_epoch = math.ceil(n / batch)
     steps = step_budget or max(AUTO_STEPS, min(AUTO_MAX_STEPS, AUTO_MIN_EPOCHS * steps_per_epoch))
@@ -143,7 +143,7 @@ def auto_defaults(task, body="minilm", step_budget=None):
     few = task.kind == "classification" and n / task.num_outputs < AUTO_AUGMENT_BELOW
     return dict(target_seq_len=tokens, batch_size=batch, epochs=epochs, warmup_epochs=round(0.1 * epochs, 3),
                 lr=AUTO_LR, new_lr_mult=AUTO_NEW_LR_MULT, finetune=AUTO_FINETUNE, input_norm="channel",
-                embed_bias_std=AUTO_BIAS_STD, kernel_mult=AUTO_KERNEL_MULT[len(size)],
+                embed_bias_std=AUTO_BIAS_STD, kernel_mult=max(1, min(AUTO_KERNEL_MULT, min(size) // stride)),
                 augment_shift=AUTO_AUGMENT_SHIFT if few else 0.0, augment_scale=0.0, tta=AUTO_TTA if few else 0,
                 select="best" if len(task.val) >= 50 else "last")
 
@@ -152,9 +152,9 @@ def auto_defaults(task, body="minilm", step_budget=None):
 # norms at 1e-3 train as fast as full fine-tuning at 1e-4 at half the step time; the new modules at 3x help where
 # they help and never break a set
 AUTO_STEPS, AUTO_LR, AUTO_NEW_LR_MULT, AUTO_FINETUNE, AUTO_BIAS_STD = 300, 1e-3, 3.0, "norms", 0.1
-# >= 16 values a token (fewer keep little more than their signs); a patch 3 strides wide for a series, 2 for an image
-# (by input dims), overlapping its neighbours (PatchTST) at the same token count; <= 64 tokens a series, 32 an image
-AUTO_TOKEN_VALUES, AUTO_KERNEL_MULT, AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 16, {1: 3, 2: 2}, 64, 32
+# >= 16 values a token (fewer keep little more than their signs); a patch 3 strides wide, overlapping its neighbours
+# (PatchTST) at the same token count, but no wider than the input (then every token sees it all); <= 64 / 32 tokens
+AUTO_TOKEN_VALUES, AUTO_KERNEL_MULT, AUTO_MAX_TOKENS_1D, AUTO_MAX_TOKENS_2D = 16, 3, 64, 32
 # >= 20 epochs up to 1000 steps: digits and Fashion-MNIST gain; the small sets keep 300 steps
 AUTO_MIN_EPOCHS, AUTO_MAX_STEPS = 20, 1000
 # translations (--augment_shift 0.1) only at 1-2 training samples a class, and then the tested model averages over

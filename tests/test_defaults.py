@@ -152,8 +152,18 @@ def test_auto_defaults_from_the_data(tmp_path):
     image = data.make_task("image", "classification", "ce", "error", z(8, 1, 28, 28), np.arange(8) % 2,
                            z(4, 1, 28, 28), np.arange(4) % 2)
     assert common.auto_defaults(image)["target_seq_len"] == 25  # an image keeps at most 32 tokens: 6x6 patches
-    # overlapping patches: 3 strides wide for a series, 2 for an image (docs/finetune.md, "Overlapping patches")
-    assert common.auto_defaults(long)["kernel_mult"] == 3 and common.auto_defaults(image)["kernel_mult"] == 2
+    # overlapping patches: 3 strides wide, but never wider than the input's side (docs/finetune.md, "Overlapping
+    # patches"): a long series and a 28x28 image (6-pixel strides, 18-pixel patches) get 3, digits' 8x8 images with
+    # their 4x4 strides get 2 (a patch of 8 pixels), a series of 40 samples in 16-sample strides 2, one of 20 gets 1
+    assert common.auto_defaults(long)["kernel_mult"] == common.auto_defaults(image)["kernel_mult"] == 3
+    assert common.auto_defaults(big)["kernel_mult"] == 2
+    for length, k in (40, 2), (31, 1), (20, 1), (1, 1), (48, 3):
+        short = data.make_task("short", "classification", "ce", "error", z(8, 1, length), np.arange(8) % 2,
+                               z(4, 1, length), np.arange(4) % 2)
+        assert common.auto_defaults(short)["kernel_mult"] == k, length
+    wide = data.make_task("wide", "classification", "ce", "error", z(8, 1, 8, 64), np.arange(8) % 2,
+                          z(4, 1, 8, 64), np.arange(4) % 2)  # 2 x 16 tokens of 4x4: the short side bounds the patch
+    assert common.auto_defaults(wide)["kernel_mult"] == 2 and common.auto_defaults(wide)["target_seq_len"] == 32
 
 
 # ---- augmentation ---------------------------------------------------------------------------------------------
@@ -300,7 +310,7 @@ def test_explicit_flags_win_and_config_records_the_choice(tmp_path, run):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["input_norm"] == "channel" and config["select"] == "last" and "epochs" in config["auto_flags"]
     assert final["val_score"] is None and final["test_score"] <= 1.0
-    assert config["kernel_mult"] == common.AUTO_KERNEL_MULT[1] == 3 and "kernel_mult" in config["auto_flags"]
+    assert config["kernel_mult"] == common.AUTO_KERNEL_MULT == 3 and "kernel_mult" in config["auto_flags"]
     args = finetune.get_args(["--task", "custom", "--data_path", str(path), "--body", "tiny", "--kernel_mult", "1"])
     assert args.kernel_mult == 1 and "kernel_mult" not in args.auto_flags
     assert common.model_for(data.get_task("custom", data_path=path), args).embedder.conv.kernel_size == (16,)
