@@ -28,8 +28,8 @@ import distributed
 from errors import UserError  # noqa: F401 (common.UserError is what the method scripts raise)
 from official_data import write_atomic
 from models import (Body, CrossModalModel, DenseHead1D, DenseHead2D, Embedder1D, Embedder2D,  # noqa: F401
-                    InputNorm, PooledHead, TranslationTTA, build_body, build_model, in_float32, patch_stride,
-                    stack_num)  # re-exported
+                    InputNorm, PooledHead, TranslationTTA, build_body, build_model, in_float32, patch_side,
+                    patch_stride, stack_num)  # re-exported
 from metrics import (SUMMED_LOSSES, compute_loss, compute_metric, evaluate, mae8, predict,  # noqa: F401
                      task_loss)  # re-exported: losses and metrics live in metrics.py
 
@@ -130,12 +130,12 @@ def auto_defaults(task, body="minilm", step_budget=None):
     n = len(task.train)
     C, *size = task.in_shape
     if len(size) == 1:
-        stride = max(math.ceil(size[0] / AUTO_MAX_TOKENS_1D), math.ceil(AUTO_TOKEN_VALUES / C))
-        tokens = math.ceil(size[0] / stride)
-    else:
-        stride = next(p for p in range(max(2, math.ceil(math.sqrt(AUTO_TOKEN_VALUES / C))), max(size) + 2)
-                      if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= AUTO_MAX_TOKENS_2D)  # square patches
-        tokens = math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
+        tokens = math.ceil(size[0] / max(math.ceil(size[0] / AUTO_MAX_TOKENS_1D), math.ceil(AUTO_TOKEN_VALUES / C)))
+    else:  # square patches; an image smaller than the least patch side is one token
+        low = max(2, math.ceil(math.sqrt(AUTO_TOKEN_VALUES / C)))
+        tokens = next(math.ceil(size[0] / p) * math.ceil(size[1] / p) for p in range(low, max(low, max(size)) + 1)
+                      if math.ceil(size[0] / p) * math.ceil(size[1] / p) <= AUTO_MAX_TOKENS_2D)
+    stride = patch_stride(size[0], tokens) if len(size) == 1 else patch_side(size, tokens)  # the embedder's own
     batch = int(min(32, max(8, 2 ** round(math.log2(max(1, n / 8))))))
     steps_per_epoch = math.ceil(n / batch)
     steps = step_budget or max(AUTO_STEPS, min(AUTO_MAX_STEPS, AUTO_MIN_EPOCHS * steps_per_epoch))

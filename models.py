@@ -217,6 +217,13 @@ def patch_stride(length, target_seq_len):
     return official if official <= 2 * padded else padded
 
 
+def patch_side(image_hw, target_seq_len):
+    """Square patch side (= stride) of the 2D embedder of a text body: the smallest giving at most `target_seq_len`
+    tokens; the embedder zero-pads the image to a multiple of it."""
+    H, W = image_hw
+    return next(p for p in range(1, max(H, W) + 1) if math.ceil(H / p) * math.ceil(W / p) <= target_seq_len)
+
+
 def _copy_norm(dst, src):
     if src is not None and src.weight.shape == dst.weight.shape:
         dst.load_state_dict(src.state_dict())
@@ -314,7 +321,7 @@ class Embedder2D(nn.Module):
         if self.resize:
             patch, self.size = body.patch_size, (body.image_size, body.image_size)
         else:
-            patch = next(p for p in range(1, max(H, W) + 1) if math.ceil(H / p) * math.ceil(W / p) <= target_seq_len)
+            patch = patch_side(image_hw, target_seq_len)
             self.size = (math.ceil(H / patch) * patch, math.ceil(W / patch) * patch)
         self.grid = (self.size[0] // patch, self.size[1] // patch)
         self.num_tokens = self.grid[0] * self.grid[1]

@@ -153,17 +153,25 @@ def test_auto_defaults_from_the_data(tmp_path):
                            z(4, 1, 28, 28), np.arange(4) % 2)
     assert common.auto_defaults(image)["target_seq_len"] == 25  # an image keeps at most 32 tokens: 6x6 patches
     # overlapping patches: 3 strides wide, but never wider than the input's side (docs/finetune.md, "Overlapping
-    # patches"): a long series and a 28x28 image (6-pixel strides, 18-pixel patches) get 3, digits' 8x8 images with
-    # their 4x4 strides get 2 (a patch of 8 pixels), a series of 40 samples in 16-sample strides 2, one of 20 gets 1
+    # patches"), counted in the embedder's own stride: a long series and a 28x28 image (6-pixel strides, 18-pixel
+    # patches) get 3, digits' 8x8 images with their 4x4 strides get 2 (a patch of 8 pixels); a series of 40 samples
+    # (3 tokens, the divisor stride 20) gets 2, one of 50 (4 tokens, stride 25) 2, one of 31 (stride 31) 1
     assert common.auto_defaults(long)["kernel_mult"] == common.auto_defaults(image)["kernel_mult"] == 3
     assert common.auto_defaults(big)["kernel_mult"] == 2
-    for length, k in (40, 2), (31, 1), (20, 1), (1, 1), (48, 3):
+    for length, k in (40, 2), (31, 1), (20, 2), (1, 1), (48, 3), (50, 2), (150, 3):
         short = data.make_task("short", "classification", "ce", "error", z(8, 1, length), np.arange(8) % 2,
                                z(4, 1, length), np.arange(4) % 2)
-        assert common.auto_defaults(short)["kernel_mult"] == k, length
+        auto = common.auto_defaults(short)
+        assert auto["kernel_mult"] == k, length
+        stride = common.Embedder1D(1, length, 8, auto["target_seq_len"]).stride
+        assert k == 1 or k * stride <= length, (length, stride)  # the patch the embedder builds fits the series
     wide = data.make_task("wide", "classification", "ce", "error", z(8, 1, 8, 64), np.arange(8) % 2,
                           z(4, 1, 8, 64), np.arange(4) % 2)  # 2 x 16 tokens of 4x4: the short side bounds the patch
     assert common.auto_defaults(wide)["kernel_mult"] == 2 and common.auto_defaults(wide)["target_seq_len"] == 32
+    for hw in (1, 1), (2, 2):  # an image smaller than the least patch side (4 at one channel): one token, K = 1
+        tiny = data.make_task("tiny", "classification", "ce", "error", z(8, 1, *hw), np.arange(8) % 2, z(4, 1, *hw),
+                              np.arange(4) % 2)
+        assert common.auto_defaults(tiny)["target_seq_len"] == 1 and common.auto_defaults(tiny)["kernel_mult"] == 1
 
 
 # ---- augmentation ---------------------------------------------------------------------------------------------
